@@ -1,0 +1,229 @@
+"""The REST/JSON surface under ``/registry``: a Klein app on a class.
+
+Handlers parse and check what arrives, call the `Registry`, and answer
+``{"data": ...}``; every failure is an `ApiError` answered as
+``{"error": {"code", "message", "details"}}`` by one error handler.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+from klein import Klein
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from werkzeug import exceptions as http
+
+from .errors import (
+    ApiError,
+    InvalidJSON,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
+from .model import Instance, Peer, rfc3339
+from .registry import Registry
+from .validation import (
+    TTLBounds,
+    check_instance_id,
+    check_service,
+    check_status_filter,
+    parse_changes,
+    parse_registration,
+)
+
+MAX_BODY = 64 * 1024
+"""The largest request body accepted, in bytes."""
+
+_INSTANCES = "/registry/services/<service>/instances"
+_INSTANCE = _INSTANCES + "/<instance_id>"
+
+PeerOf = Callable[[IRequest], "Peer | None"]
+
+
+class RegistryAPI:
+    """The HTTP API of one registry, given the registry and how to know a peer."""
+
+    app = Klein()
+    log = Logger()
+
+    def __init__(self, registry: Registry, bounds: TTLBounds, peer_of: PeerOf) -> None:
+        self._registry = registry
+        self._bounds = bounds
+        self._peer_of = peer_of
+
+    # The instance surface.
+
+    @app.route(_INSTANCES, methods=["POST"])
+    async def register(self, request: IRequest, service: str) -> bytes:
+        check_service(service)
+        spec = parse_registration(_read_json(request), self._bounds)
+        issued = await self._registry.register(
+            service, spec, _bearer_token(request), self._peer_of(request)
+        )
+        request.setHeader("Cache-Control", "no-store")
+        body = {
+            "instance": issued.instance.to_json(),
+            "token": issued.token,
+            "token_expires_at": rfc3339(issued.token_expires_at),
+        }
+        return _data(request, body, 201 if issued.outcome == "created" else 200)
+
+    @app.route(_INSTANCE, methods=["PUT"])
+    async def update(self, request: IRequest, service: str, instance_id: str) -> bytes:
+        _check_path(service, instance_id)
+        changes = parse_changes(_read_json(request), self._bounds)
+        instance = await self._registry.update(
+            service, instance_id, changes, _bearer_token(request), self._peer_of(request)
+        )
+        return _instance(request, instance)
+
+    @app.route(_INSTANCE + "/heartbeat", methods=["PUT"])
+    async def heartbeat(self, request: IRequest, service: str, instance_id: str) -> bytes:
+        _check_path(service, instance_id)
+        instance = await self._registry.heartbeat(
+            service, instance_id, _bearer_token(request), self._peer_of(request)
+        )
+        body = {"ttl": instance.ttl, "expires_at": rfc3339(instance.expires_at)}
+        return _data(request, body)
+
+    @app.route(_INSTANCE + "/token", methods=["POST"])
+    async def rotate(self, request: IRequest, service: str, instance_id: str) -> bytes:
+        _check_path(service, instance_id)
+        token, expires_at = await self._registry.rotate(
+            service, instance_id, _bearer_token(request), self._peer_of(request)
+        )
+        request.setHeader("Cache-Control", "no-store")
+        return _data(request, {"token": token, "token_expires_at": rfc3339(expires_at)})
+
+    @app.route(_INSTANCE, methods=["DELETE"])
+    async def deregister(self, request: IRequest, service: str, instance_id: str) -> bytes:
+        _check_path(service, instance_id)
+        instance = await self._registry.deregister(
+            service, instance_id, _bearer_token(request), self._peer_of(request)
+        )
+        return _instance(request, instance)
+
+    # The discovery surface.
+
+    @app.route("/registry/services", methods=["GET"])
+    async def services(self, request: IRequest) -> bytes:
+        counts = await self._registry.services()
+        listed = [{"name": name, "instances": count} for name, count in counts]
+        return _data(request, {"services": listed})
+
+    @app.route(_INSTANCES, methods=["GET"])
+    async def instances(self, request: IRequest, service: str) -> bytes:
+        check_service(service)
+        status, tags, metadata = _filters(request)
+        found = await self._registry.instances(service, status, tags, metadata)
+        body = {"service": service, "instances": [i.to_json() for i in found]}
+        return _data(request, body)
+
+    @app.route(_INSTANCE, methods=["GET"])
+    async def instance(self, request: IRequest, service: str, instance_id: str) -> bytes:
+        _check_path(service, instance_id)
+        return _instance(request, await self._registry.instance(service, instance_id))
+
+    # Failures, in the order Klein tries them.
+
+    @app.handle_errors(ApiError)
+    def _api_error(self, request: IRequest, failure: Failure) -> bytes:
+        return _error(request, failure.value)
+
+    @app.handle_errors(http.NotFound)
+    def _not_found(self, request: IRequest, failure: Failure) -> bytes:
+        return _error(request, NotFound("no such resource", {"path": request.path.decode("utf-8", "replace")}))
+
+    @app.handle_errors(http.MethodNotAllowed)
+    def _method_not_allowed(self, request: IRequest, failure: Failure) -> bytes:
+        allowed = sorted(failure.value.valid_methods or ())
+        request.setHeader("Allow", ", ".join(allowed))
+        method = request.method.decode("ascii", "replace")
+        return _error(request, MethodNotAllowed(f"{method} is not allowed here", {"allowed": allowed}))
+
+    @app.handle_errors(Exception)
+    def _internal_error(self, request: IRequest, failure: Failure) -> bytes:
+        self.log.failure(
+            "unexpected error answering {method} {path}",
+            failure,
+            event="http.internal_error",
+            method=request.method.decode("ascii", "replace"),
+            path=request.path.decode("utf-8", "replace"),
+        )
+        return _error(request, ApiError("internal error"))
+
+
+def _check_path(service: str, instance_id: str) -> None:
+    check_service(service)
+    check_instance_id(instance_id)
+
+
+def _data(request: IRequest, data: Any, status: int = 200) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader("Content-Type", "application/json")
+    return json.dumps({"data": data}, separators=(",", ":")).encode("utf-8")
+
+
+def _instance(request: IRequest, instance: Instance) -> bytes:
+    return _data(request, {"instance": instance.to_json()})
+
+
+def _error(request: IRequest, error: ApiError) -> bytes:
+    request.setResponseCode(error.status)
+    request.setHeader("Content-Type", "application/json")
+    for name, value in error.headers.items():
+        request.setHeader(name, value)
+    return json.dumps(error.to_json(), separators=(",", ":")).encode("utf-8")
+
+
+def _read_json(request: IRequest) -> object:
+    """The request's JSON body, after its media type and size are checked."""
+    media_type = (request.getHeader("Content-Type") or "").split(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise UnsupportedMediaType(
+            "the body must be JSON, sent with Content-Type: application/json",
+            {"content_type": media_type or None},
+        )
+    declared = request.getHeader("Content-Length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY:
+        raise PayloadTooLarge(f"the body must be at most {MAX_BODY} bytes")
+    raw = request.content.read(MAX_BODY + 1)
+    if len(raw) > MAX_BODY:
+        raise PayloadTooLarge(f"the body must be at most {MAX_BODY} bytes")
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise InvalidJSON("the body is not valid JSON", {"reason": str(e)[:200]}) from None
+
+
+def _bearer_token(request: IRequest) -> str | None:
+    header = request.getHeader("Authorization")
+    if header is None:
+        return None
+    scheme, _, token = header.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        return None
+    return token
+
+
+def _filters(request: IRequest) -> tuple[str | None, tuple[str, ...], dict[str, str]]:
+    """The discovery filters of a query: ``status``, ``tag`` (all must match), ``meta.KEY``."""
+    args = request.args
+    status = None
+    if b"status" in args:
+        status = check_status_filter(args[b"status"][-1].decode("utf-8", "replace"))
+    tags = tuple(t.decode("utf-8", "replace") for t in args.get(b"tag", ()))
+    metadata = {}
+    for name, values in args.items():
+        if name.startswith(b"meta."):
+            key = name[len(b"meta."):].decode("utf-8", "replace")
+            if not key:
+                raise InvalidRequest("invalid metadata filter", {"meta.": "needs a key: meta.KEY=VALUE"})
+            metadata[key] = values[-1].decode("utf-8", "replace")
+    return status, tags, metadata

@@ -1,0 +1,293 @@
+"""The registry's operations: who may change what, and what each change does.
+
+`Registry` sits between the HTTP surface and the store. It reads the clock,
+checks tokens, applies the rules of `model` and logs each lifecycle event.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, Awaitable, Callable, Mapping, TypeVar
+
+import attrs
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from .errors import ApiError, Conflict, InstanceExists, InstanceNotFound, TokenExpired, Unauthorized
+from .model import Credentials, Instance, Peer, Registration
+from .store import IStore
+from .tokens import hash_token, new_token, token_matches
+from .validation import InstanceSpec
+
+T = TypeVar("T")
+
+_ATTEMPTS = 5
+"""How often a write is retried when the record changes between read and write."""
+
+
+class BackendBusy(ApiError):
+    status, code = 503, "backend_busy"
+
+
+@attrs.frozen
+class Issued:
+    """The answer to a registration: the instance and the token that now guards it.
+
+    ``outcome`` is ``created``, ``updated`` (the caller held the token) or
+    ``reregistered`` (same client certificate, fresh token).
+    """
+
+    instance: Instance
+    token: str = attrs.field(repr=False)
+    token_expires_at: float
+    outcome: str
+
+
+class Registry:
+    """Registration and discovery over a store, with time from an injected clock."""
+
+    log = Logger()
+
+    def __init__(self, store: IStore, clock: IReactorTime, token_ttl: int) -> None:
+        self._store = store
+        self._clock = clock
+        self._token_ttl = token_ttl
+
+    # The instance surface.
+
+    async def register(
+        self, service: str, spec: InstanceSpec, token: str | None, peer: Peer | None
+    ) -> Issued:
+        """Register an instance; or update it, or re-register it, when allowed.
+
+        Registering an id that is live is an update for the holder of its
+        token, a re-registration with a fresh token for the client certificate
+        that registered it, and `InstanceExists` for anyone else.
+        """
+        now = self._clock.seconds()
+        instance_id = spec.id or uuid.uuid4().hex
+        existing = None
+        if spec.id is not None:
+            existing = await self._store.get(service, instance_id, now)
+        if existing is None:
+            return await self._create(service, instance_id, spec, peer, now)
+        held = existing.credentials
+        if token is not None and token_matches(token, held.token_hash) and now < held.expires_at:
+            instance = _from_spec(service, instance_id, spec, existing.instance.registered_at, now)
+            stored = await self._store.replace(existing, attrs.evolve(existing, instance=instance))
+            self._logged("updated", stored.instance, peer)
+            return Issued(stored.instance, token, held.expires_at, "updated")
+        if peer is not None and held.registrant == peer.fingerprint:
+            fresh, credentials = self._credentials(peer, now)
+            instance = _from_spec(service, instance_id, spec, now, now)
+            stored = await self._store.replace(existing, Registration(instance, credentials))
+            self._logged("reregistered", stored.instance, peer)
+            return Issued(stored.instance, fresh, credentials.expires_at, "reregistered")
+        self.log.info(
+            "refused to register {service}/{instance_id}: already registered by another client",
+            event="instance.register_refused",
+            service=service,
+            instance_id=instance_id,
+            **_peer_fields(peer),
+        )
+        raise InstanceExists(
+            f"instance {instance_id!r} of {service!r} is already registered",
+            {"id": instance_id},
+        )
+
+    async def update(
+        self,
+        service: str,
+        instance_id: str,
+        changes: Mapping[str, Any],
+        token: str | None,
+        peer: Peer | None,
+    ) -> Instance:
+        """Change the named fields of an instance; the lease is renewed too."""
+
+        async def attempt(current: Registration, now: float) -> Instance:
+            instance = attrs.evolve(current.instance, **changes).renewed(now)
+            stored = await self._store.replace(current, attrs.evolve(current, instance=instance))
+            return stored.instance
+
+        instance = await self._authorized_write(service, instance_id, token, peer, attempt)
+        self._logged("updated", instance, peer)
+        return instance
+
+    async def heartbeat(
+        self, service: str, instance_id: str, token: str | None, peer: Peer | None
+    ) -> Instance:
+        """Renew an instance's lease for a full TTL."""
+
+        async def attempt(current: Registration, now: float) -> Instance:
+            return await self._store.renew(current, now)
+
+        return await self._authorized_write(service, instance_id, token, peer, attempt)
+
+    async def rotate(
+        self, service: str, instance_id: str, token: str | None, peer: Peer | None
+    ) -> tuple[str, float]:
+        """Replace an instance's token; the old one stops working at once."""
+
+        async def attempt(current: Registration, now: float) -> tuple[str, float]:
+            fresh = new_token()
+            credentials = attrs.evolve(
+                current.credentials,
+                token_hash=hash_token(fresh),
+                expires_at=now + self._token_ttl,
+            )
+            await self._store.replace(current, attrs.evolve(current, credentials=credentials))
+            return fresh, credentials.expires_at
+
+        rotated = await self._authorized_write(service, instance_id, token, peer, attempt)
+        self.log.info(
+            "rotated the token of {service}/{instance_id}",
+            event="instance.token_rotated",
+            service=service,
+            instance_id=instance_id,
+            **_peer_fields(peer),
+        )
+        return rotated
+
+    async def deregister(
+        self, service: str, instance_id: str, token: str | None, peer: Peer | None
+    ) -> Instance:
+        """Remove an instance; fire with it as it was."""
+
+        async def attempt(current: Registration, now: float) -> Instance:
+            await self._store.delete(current)
+            return current.instance
+
+        instance = await self._authorized_write(service, instance_id, token, peer, attempt)
+        self._logged("deregistered", instance, peer)
+        return instance
+
+    # The discovery surface.
+
+    async def services(self) -> list[tuple[str, int]]:
+        """Each service with a live instance, by name, with its count."""
+        return await self._store.services(self._clock.seconds())
+
+    async def instances(
+        self,
+        service: str,
+        status: str | None = None,
+        tags: tuple[str, ...] = (),
+        metadata: Mapping[str, str] | None = None,
+    ) -> list[Instance]:
+        """The live instances of a service that pass every filter."""
+        live = await self._store.instances(service, self._clock.seconds())
+        if status is None and not tags and not metadata:
+            return live
+        return [i for i in live if i.matches(status, tags, metadata)]
+
+    async def instance(self, service: str, instance_id: str) -> Instance:
+        """One live instance, or `InstanceNotFound`."""
+        found = await self._live(service, instance_id, self._clock.seconds())
+        return found.instance
+
+    # Helpers.
+
+    async def _create(
+        self, service: str, instance_id: str, spec: InstanceSpec, peer: Peer | None, now: float
+    ) -> Issued:
+        token, credentials = self._credentials(peer, now)
+        instance = _from_spec(service, instance_id, spec, now, now)
+        stored = await self._store.create(Registration(instance, credentials), now)
+        self._logged("registered", stored.instance, peer)
+        return Issued(stored.instance, token, credentials.expires_at, "created")
+
+    def _credentials(self, peer: Peer | None, now: float) -> tuple[str, Credentials]:
+        token = new_token()
+        registrant = peer.fingerprint if peer is not None else None
+        return token, Credentials(hash_token(token), now + self._token_ttl, registrant)
+
+    async def _live(self, service: str, instance_id: str, now: float) -> Registration:
+        found = await self._store.get(service, instance_id, now)
+        if found is None:
+            raise InstanceNotFound(
+                f"no live instance {instance_id!r} of {service!r}; register it again",
+                {"service": service, "id": instance_id},
+            )
+        return found
+
+    async def _authorized_write(
+        self,
+        service: str,
+        instance_id: str,
+        token: str | None,
+        peer: Peer | None,
+        attempt: Callable[[Registration, float], Awaitable[T]],
+    ) -> T:
+        """Read the instance, check the token, then write; retry on `Conflict`."""
+        for _ in range(_ATTEMPTS):
+            now = self._clock.seconds()
+            current = await self._live(service, instance_id, now)
+            self._authorize(current, token, peer, now)
+            try:
+                return await attempt(current, now)
+            except Conflict:
+                continue
+        raise BackendBusy("the instance kept changing; try again")
+
+    def _authorize(
+        self, current: Registration, token: str | None, peer: Peer | None, now: float
+    ) -> None:
+        error: ApiError | None = None
+        if token is None:
+            error = Unauthorized("this operation needs the instance's token: Authorization: Bearer <token>")
+        elif not token_matches(token, current.credentials.token_hash):
+            error = Unauthorized("the token is not valid for this instance")
+        elif now >= current.credentials.expires_at:
+            error = TokenExpired("the token has expired; register again to get a new one")
+        if error is not None:
+            self.log.warn(
+                "refused {service}/{instance_id}: {code}",
+                event="auth.failed",
+                code=error.code,
+                service=current.instance.service,
+                instance_id=current.instance.id,
+                **_peer_fields(peer),
+            )
+            raise error
+
+    def _logged(self, what: str, instance: Instance, peer: Peer | None) -> None:
+        self.log.info(
+            what + " {service}/{instance_id} at {host}:{port}",
+            event="instance." + what,
+            service=instance.service,
+            instance_id=instance.id,
+            host=instance.host,
+            port=instance.port,
+            status=instance.status,
+            ttl=instance.ttl,
+            **_peer_fields(peer),
+        )
+
+
+def _from_spec(
+    service: str, instance_id: str, spec: InstanceSpec, registered_at: float, now: float
+) -> Instance:
+    return Instance(
+        service=service,
+        id=instance_id,
+        host=spec.host,
+        port=spec.port,
+        status=spec.status,
+        metadata=dict(spec.metadata),
+        tags=spec.tags,
+        ttl=spec.ttl,
+        registered_at=registered_at,
+        last_heartbeat_at=now,
+        expires_at=now + spec.ttl,
+    )
+
+
+def _peer_fields(peer: Peer | None) -> dict[str, str | None]:
+    if peer is None:
+        return {"peer_subject": None, "peer_fingerprint": None, "peer_address": None}
+    return {
+        "peer_subject": peer.subject,
+        "peer_fingerprint": peer.fingerprint,
+        "peer_address": peer.address,
+    }

@@ -1,0 +1,182 @@
+"""Where registrations live: the store interface and its in-memory implementation."""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from typing import Iterable
+
+import attrs
+
+from twisted.internet.defer import Deferred, fail, succeed
+from zope.interface import Interface, implementer
+
+from .errors import Conflict, InstanceExists
+from .model import Instance, Registration
+
+
+class IStore(Interface):
+    """Registrations keyed by (service, id); every operation returns a Deferred.
+
+    A registration whose lease has ended (``now >= expires_at``) is gone for
+    every operation, whether or not it has been evicted yet. Writes name the
+    registration they replace and fail with `Conflict` if it has changed since
+    it was read, so a backend shared by several nodes can refuse lost updates.
+    """
+
+    def get(service: str, instance_id: str, now: float) -> Deferred:
+        """The live `Registration`, or None."""
+
+    def create(registration: Registration, now: float) -> Deferred:
+        """Add a registration and fire with it as stored (with its revision).
+
+        Fails with `InstanceExists` if a live one holds that key.
+        """
+
+    def replace(current: Registration, new: Registration) -> Deferred:
+        """Put ``new`` in the place of ``current``; fire with ``new`` as stored."""
+
+    def renew(current: Registration, now: float) -> Deferred:
+        """Renew the lease of ``current`` for a full TTL; fire with the `Instance`.
+
+        A renewal is not a change: it keeps the revision.
+        """
+
+    def delete(current: Registration) -> Deferred:
+        """Remove ``current``; fire with None."""
+
+    def services(now: float) -> Deferred:
+        """A sorted list of (service name, live instance count), counts above 0."""
+
+    def instances(service: str, now: float) -> Deferred:
+        """The live `Instance`s of one service, sorted by id."""
+
+
+@implementer(IStore)
+class MemoryStore:
+    """Registrations in a dictionary, with lease deadlines in a heap.
+
+    All operations complete at once, so their Deferreds have already fired.
+    """
+
+    def __init__(self) -> None:
+        self._services: dict[str, dict[str, Registration]] = {}
+        self._count = 0
+        # (expires_at, service, id); renewals push a new entry and leave the old
+        # one stale, to be skipped when popped or dropped by _compact.
+        self._deadlines: list[tuple[float, str, str]] = []
+        self._revisions = itertools.count(1)
+
+    def __len__(self) -> int:
+        """How many registrations are held, evicted or not yet."""
+        return self._count
+
+    def _lookup(self, service: str, instance_id: str) -> Registration | None:
+        return self._services.get(service, {}).get(instance_id)
+
+    def get(self, service: str, instance_id: str, now: float) -> Deferred:
+        found = self._lookup(service, instance_id)
+        if found is not None and not found.instance.is_live(now):
+            found = None
+        return succeed(found)
+
+    def create(self, registration: Registration, now: float) -> Deferred:
+        service, instance_id = registration.key
+        existing = self._lookup(service, instance_id)
+        if existing is not None and existing.instance.is_live(now):
+            return fail(InstanceExists(f"instance {instance_id!r} of {service!r} is already registered"))
+        return succeed(self._put(registration))
+
+    def replace(self, current: Registration, new: Registration) -> Deferred:
+        if current.key != new.key or not self._holds(current):
+            return fail(Conflict(current.key))
+        return succeed(self._put(new))
+
+    def renew(self, current: Registration, now: float) -> Deferred:
+        if not self._holds(current):
+            return fail(Conflict(current.key))
+        renewed = current.instance.renewed(now)
+        self._store(attrs.evolve(current, instance=renewed))
+        return succeed(renewed)
+
+    def delete(self, current: Registration) -> Deferred:
+        if not self._holds(current):
+            return fail(Conflict(current.key))
+        self._remove(*current.key)
+        return succeed(None)
+
+    def services(self, now: float) -> Deferred:
+        counts = []
+        for name in sorted(self._services):
+            live = sum(1 for r in self._services[name].values() if r.instance.is_live(now))
+            if live:
+                counts.append((name, live))
+        return succeed(counts)
+
+    def instances(self, service: str, now: float) -> Deferred:
+        held = self._services.get(service, {})
+        live = [r.instance for r in held.values() if r.instance.is_live(now)]
+        live.sort(key=lambda instance: instance.id)
+        return succeed(live)
+
+    def evict_expired(self, now: float, limit: int) -> list[Instance]:
+        """Remove up to ``limit`` registrations whose lease ended by ``now``.
+
+        Costs time in proportion to the deadlines that have passed, not to the
+        registrations held. Returns the evicted instances, earliest deadline first.
+        """
+        evicted: list[Instance] = []
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now and len(evicted) < limit:
+            _, service, instance_id = heapq.heappop(deadlines)
+            found = self._lookup(service, instance_id)
+            if found is not None and not found.instance.is_live(now):
+                self._remove(service, instance_id)
+                evicted.append(found.instance)
+        return evicted
+
+    def _holds(self, registration: Registration) -> bool:
+        # Revisions name writes; a renewal keeps its revision, as it changes
+        # nothing but the lease.
+        found = self._lookup(*registration.key)
+        return found is not None and found.revision == registration.revision
+
+    def _put(self, registration: Registration) -> Registration:
+        stored = attrs.evolve(registration, revision=next(self._revisions))
+        self._store(stored)
+        return stored
+
+    def _store(self, registration: Registration) -> None:
+        instance = registration.instance
+        held = self._services.setdefault(instance.service, {})
+        previous = held.get(instance.id)
+        if previous is None:
+            self._count += 1
+        held[instance.id] = registration
+        if previous is None or previous.instance.expires_at != instance.expires_at:
+            heapq.heappush(self._deadlines, (instance.expires_at, instance.service, instance.id))
+            self._compact()
+
+    def _remove(self, service: str, instance_id: str) -> None:
+        held = self._services[service]
+        del held[instance_id]
+        self._count -= 1
+        if not held:
+            del self._services[service]
+
+    def _compact(self) -> None:
+        # Each renewal leaves a stale deadline behind; rebuilding the heap once
+        # it holds several per registration keeps memory bounded at an
+        # amortised O(1) cost per renewal.
+        if len(self._deadlines) > 4 * self._count + 64:
+            self._deadlines = _heap_of(self._services.values())
+
+
+def _heap_of(services: Iterable[dict[str, Registration]]) -> list[tuple[float, str, str]]:
+    heap = [
+        (r.instance.expires_at, r.instance.service, r.instance.id)
+        for held in services
+        for r in held.values()
+    ]
+    heapq.heapify(heap)
+    return heap

@@ -1,0 +1,114 @@
+"""How the daemon starts: twistd options and the composition of its services."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import IO, Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import ILogObserver, Logger
+from twisted.python import usage
+from twisted.python.components import Componentized
+
+from .api import RegistryAPI
+from .config import SETTINGS, Config, ConfigError, load_config
+from .lease import LeaseService
+from .logs import make_observer
+from .pki import PKIError, ensure_dev_pki
+from .registry import Registry
+from .site import RegistrySite
+from .store import MemoryStore
+from .tls import TLSFileError, TLSFiles, peer_from_request, server_tls_options, tls_factory
+
+log = Logger()
+
+
+class Options(usage.Options):
+    """twistd options; each overrides the environment variable of the same meaning."""
+
+    optParameters = [
+        [s.option, None, None, f"{s.help} [env {s.variable}, default {s.default or 'none'}]"]
+        for s in SETTINGS
+    ]
+
+    def overrides(self) -> dict[str, str | None]:
+        """The options given on the command line, by option name."""
+        return {s.option: self[s.option] for s in SETTINGS}
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message says why in one line."""
+
+
+class RootService(MultiService):
+    """The daemon's root, which also hands twistd the log observer to use."""
+
+    def __init__(self, observer: ILogObserver) -> None:
+        super().__init__()
+        self.observer = observer
+
+    def setServiceParent(self, parent: Any) -> None:
+        # twistd reads the observer from the Application's components
+        # (AppLogger.start) after makeService returns.
+        if isinstance(parent, Componentized):
+            parent.setComponent(ILogObserver, self.observer)
+        super().setServiceParent(parent)
+
+
+def makeService(options: Options) -> RootService:
+    """twistd's entry: settings from the environment and options, then the services."""
+    from twisted.internet import reactor
+
+    try:
+        config = load_config(os.environ, options.overrides())
+        return make_service(config, reactor)
+    except (ConfigError, StartupError) as e:
+        sys.stderr.write(f"regdisc: {e}\n")
+        raise SystemExit(1) from None
+
+
+def make_service(config: Config, reactor: Any, stream: IO[str] = sys.stdout) -> RootService:
+    """The daemon's services under one `RootService`, on ``reactor``."""
+    tls_options = server_tls_options_for(config)
+    store = MemoryStore()
+    registry = Registry(store, reactor, config.token_ttl)
+    api = RegistryAPI(registry, config.ttl, peer_from_request)
+    site = RegistrySite(api.app.resource(), reactor=reactor)
+
+    root = RootService(make_observer(config.log_format, config.log_level, stream))
+    LeaseService(store, reactor, config.cleanup_interval).setServiceParent(root)
+    endpoint = serverFromString(reactor, config.listen)
+    StreamServerEndpointService(endpoint, tls_factory(tls_options, site)).setServiceParent(root)
+    return root
+
+
+def server_tls_options_for(config: Config) -> Any:
+    """The server's TLS options, from the configured files or the development PKI."""
+    files = config.tls
+    try:
+        if files is None:
+            files = _development_pki(config)
+        return server_tls_options(files)
+    except (TLSFileError, PKIError) as e:
+        raise StartupError(str(e)) from None
+
+
+def _development_pki(config: Config) -> TLSFiles:
+    pki, created = ensure_dev_pki(config.dev_pki_dir)
+    log.warn(
+        "NO TLS PATHS ARE SET: serving with the development PKI in {directory} "
+        "({how}). Its CA {ca}; a client certificate {client_cert} with key {client_key}. "
+        "Set REGDISC_TLS_CERT, REGDISC_TLS_KEY and REGDISC_TLS_CA for real use.",
+        event="tls.development_pki",
+        directory=str(pki.directory),
+        how="created now" if created else "made earlier",
+        ca=str(pki.ca_cert),
+        server_cert=str(pki.server_cert),
+        server_key=str(pki.server_key),
+        client_cert=str(pki.client_cert),
+        client_key=str(pki.client_key),
+    )
+    return TLSFiles(cert=pki.server_cert, key=pki.server_key, ca=pki.ca_cert)

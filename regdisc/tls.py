@@ -1,0 +1,143 @@
+"""Mutual TLS for the server: its context, the verified peer, refused handshakes."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import attrs
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from OpenSSL import SSL
+from twisted.internet.interfaces import (
+    IHandshakeListener,
+    IProtocolFactory,
+    IProtocolNegotiationFactory,
+)
+from twisted.internet.ssl import (
+    Certificate,
+    CertificateOptions,
+    PrivateCertificate,
+    TLSVersion,
+    trustRootFromCertificates,
+)
+from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from zope.interface import implementer
+
+from .model import Peer
+
+log = Logger()
+
+
+class TLSFileError(Exception):
+    """A configured TLS file is missing, unreadable or not what it should be."""
+
+
+@attrs.frozen
+class TLSFiles:
+    """Where the server's certificate, its key and the root CA are."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+
+def server_tls_options(files: TLSFiles) -> CertificateOptions:
+    """TLS 1.2 or newer, a client certificate required and checked against the CA alone.
+
+    Giving ``trustRoot`` makes Twisted demand a peer certificate and verify it
+    against that root only, never the system trust store.
+    """
+    cert = _read(files.cert, "certificate")
+    key = _read(files.key, "private key")
+    ca = _read(files.ca, "CA certificate")
+    try:
+        private = PrivateCertificate.loadPEM(cert + b"\n" + key)
+    except Exception:
+        raise TLSFileError(
+            f"{files.cert} and {files.key}: not a PEM certificate and its matching private key"
+        ) from None
+    try:
+        authority = Certificate.loadPEM(ca)
+    except Exception:
+        raise TLSFileError(f"{files.ca}: not a PEM CA certificate") from None
+    return CertificateOptions(
+        privateKey=private.privateKey.original,
+        certificate=private.original,
+        trustRoot=trustRootFromCertificates([authority]),
+        raiseMinimumTo=TLSVersion.TLSv1_2,
+    )
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise TLSFileError(f"{path}: cannot read the TLS {what}: {e.strerror}") from None
+
+
+def peer_of(certificate: x509.Certificate, address: str) -> Peer:
+    """The identity a verified certificate gives its holder."""
+    fingerprint = hashlib.sha256(certificate.public_bytes(Encoding.DER)).hexdigest()
+    return Peer(certificate.subject.rfc4514_string(), fingerprint, address)
+
+
+def peer_from_request(request: IRequest) -> Peer | None:
+    """The verified client of a request's connection, or None without TLS."""
+    return getattr(request.transport, "peer", None)
+
+
+def tls_factory(options: CertificateOptions, factory: IProtocolFactory) -> TLSMemoryBIOFactory:
+    """Serve ``factory`` over TLS, recording each verified peer and each refused handshake."""
+    return TLSMemoryBIOFactory(options, False, _PeerRecordingFactory(factory))
+
+
+@implementer(IHandshakeListener)
+class _PeerRecordingProtocol(ProtocolWrapper):
+    """Learns the peer once per connection, when the handshake has completed."""
+
+    peer: Peer | None = None
+
+    def handshakeCompleted(self) -> None:
+        cert = self.transport.getPeerCertificate()
+        if cert is not None:
+            self.peer = peer_of(cert.to_cryptography(), _address(self.transport.getPeer()))
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self.peer is None and reason.check(SSL.Error):
+            log.warn(
+                "refused a TLS handshake from {peer_address}: {reason}",
+                event="tls.handshake_refused",
+                peer_address=_address(self.transport.getPeer()),
+                reason=_ssl_reason(reason.value),
+            )
+        super().connectionLost(reason)
+
+
+@implementer(IProtocolNegotiationFactory)
+class _PeerRecordingFactory(WrappingFactory):
+    protocol = _PeerRecordingProtocol
+    noisy = False
+
+    def acceptableProtocols(self) -> list[bytes]:
+        # Twisted's ALPN callback fails the handshake when a client offers
+        # protocols and the factory names none, so name the one we speak.
+        return [b"http/1.1"]
+
+
+def _address(address: object) -> str:
+    host, port = getattr(address, "host", None), getattr(address, "port", None)
+    if host is None:
+        return str(address)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _ssl_reason(error: BaseException) -> str:
+    # pyOpenSSL errors carry a list of (library, function, reason) tuples.
+    entries = error.args[0] if error.args and isinstance(error.args[0], list) else []
+    reasons = [str(entry[-1]) for entry in entries if isinstance(entry, tuple) and entry]
+    return ", ".join(reasons) or str(error)
