@@ -35,6 +35,17 @@ class LeaseService(TimerService):
         self.clock = clock
         self._store = store
         self._batch = batch
+        self._stopping = False
+
+    def startService(self) -> None:
+        self._stopping = False
+        super().startService()
+
+    def stopService(self) -> Deferred:
+        # TimerService marks itself stopped only once the sweep under way has
+        # finished; a sliced sweep must know at once, to end early.
+        self._stopping = True
+        return super().stopService()
 
     def sweep(self) -> Deferred | None:
         """Evict one batch now and schedule the next, if any; fire when all are done."""
@@ -61,7 +72,7 @@ class LeaseService(TimerService):
                 expired_at=instance.expires_at,
             )
         total = evicted_so_far + len(evicted)
-        if len(evicted) < self._batch or not self.running:
+        if len(evicted) < self._batch or self._stopping:
             self._finish(total, done)
         else:
             self.clock.callLater(0, self._slice, total, done)

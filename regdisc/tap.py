@@ -8,6 +8,7 @@ from typing import IO, Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
@@ -79,10 +80,21 @@ def make_service(config: Config, reactor: Any, stream: IO[str] = sys.stdout) -> 
     site = RegistrySite(api.app.resource(), reactor=reactor)
 
     root = RootService(make_observer(config.log_format, config.log_level, stream))
-    LeaseService(store, reactor, config.cleanup_interval).setServiceParent(root)
+    leases = LeaseService(store, reactor, config.cleanup_interval)
+    leases.setName("leases")
+    leases.setServiceParent(root)
     endpoint = serverFromString(reactor, config.listen)
-    StreamServerEndpointService(endpoint, tls_factory(tls_options, site)).setServiceParent(root)
+    https = StreamServerEndpointService(endpoint, tls_factory(tls_options, site))
+    # Fail the start, rather than log and run portless, when the port is taken.
+    https._raiseSynchronously = True
+    https.setName("https")
+    https.setServiceParent(root)
     return root
+
+
+def listening_port(root: MultiService) -> Deferred:
+    """Fires with the `IListeningPort` of a started daemon (tests use port 0)."""
+    return root.getServiceNamed("https")._waitingForPort
 
 
 def server_tls_options_for(config: Config) -> Any:

@@ -1,0 +1,52 @@
+"""Shared fixtures: a clock, a store, the registry and its API over StubTreq."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import settings
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+
+from regdisc.api import RegistryAPI
+from regdisc.registry import Registry
+from regdisc.store import MemoryStore
+from regdisc.validation import TTLBounds
+
+settings.register_profile("regdisc", deadline=None, derandomize=True, max_examples=200)
+settings.load_profile("regdisc")
+
+START = 1_800_000_000.0
+"""The test clock's start: a fixed moment, so timestamps in answers are predictable."""
+
+BOUNDS = TTLBounds(default=30, minimum=1, maximum=3600)
+TOKEN_TTL = 3600
+
+
+def fired(d: Deferred) -> Any:
+    """The result of a Deferred that has already fired; raise its failure if it failed."""
+    results: list[Any] = []
+    d.addBoth(results.append)
+    assert results, f"{d!r} has not fired"
+    result = results[0]
+    if hasattr(result, "raiseException"):
+        result.raiseException()
+    return result
+
+
+@pytest.fixture
+def clock() -> Clock:
+    clock = Clock()
+    clock.advance(START)
+    return clock
+
+
+@pytest.fixture
+def store() -> MemoryStore:
+    return MemoryStore()
+
+
+@pytest.fixture
+def registry(store: MemoryStore, clock: Clock) -> Registry:
+    return Registry(store, clock, TOKEN_TTL)
