@@ -45,6 +45,8 @@ class RegistrySite(Site):
 
     def __init__(self, resource: IResource, **kwargs: Any) -> None:
         kwargs.setdefault("timeout", IDLE_TIMEOUT)
+        # The API reads JSON only; parsing form bodies into args is wasted work.
+        kwargs.setdefault("parsePOSTFormSubmission", False)
         super().__init__(resource, **kwargs)
 
     def log(self, request: Request) -> None:

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import attrs
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
 from twisted.internet.interfaces import (
     IHandshakeListener,
@@ -29,6 +27,7 @@ from twisted.web.iweb import IRequest
 from zope.interface import implementer
 
 from .model import Peer
+from .pki import fingerprint_sha256
 
 log = Logger()
 
@@ -82,8 +81,7 @@ def _read(path: Path, what: str) -> bytes:
 
 def peer_of(certificate: x509.Certificate, address: str) -> Peer:
     """The identity a verified certificate gives its holder."""
-    fingerprint = hashlib.sha256(certificate.public_bytes(Encoding.DER)).hexdigest()
-    return Peer(certificate.subject.rfc4514_string(), fingerprint, address)
+    return Peer(certificate.subject.rfc4514_string(), fingerprint_sha256(certificate), address)
 
 
 def peer_from_request(request: IRequest) -> Peer | None:

@@ -55,7 +55,7 @@ _CHANGEABLE = ("host", "port", "ttl", "status", "metadata", "tags")
 
 def check_service(service: str) -> str:
     """Return ``service`` if it is a lowercase DNS label, or raise."""
-    if not SERVICE_NAME.match(service):
+    if not SERVICE_NAME.fullmatch(service):
         raise InvalidRequest(
             "invalid service name",
             {"service": "must be a lowercase DNS label: a-z, 0-9 and '-', 1 to 63 characters"},
@@ -65,7 +65,7 @@ def check_service(service: str) -> str:
 
 def check_instance_id(instance_id: str) -> str:
     """Return ``instance_id`` if it is a valid instance id, or raise."""
-    if not INSTANCE_ID.match(instance_id):
+    if not INSTANCE_ID.fullmatch(instance_id):
         raise InvalidRequest("invalid instance id", {"id": _ID_RULE})
     return instance_id
 
@@ -83,7 +83,7 @@ def parse_registration(body: object, bounds: TTLBounds) -> InstanceSpec:
     values = _check_fields(fields, bounds, problems)
     if "id" in fields:
         value = fields["id"]
-        if not isinstance(value, str) or not INSTANCE_ID.match(value):
+        if not isinstance(value, str) or not INSTANCE_ID.fullmatch(value):
             problems["id"] = _ID_RULE
         else:
             values["id"] = value
@@ -155,7 +155,7 @@ def _check_host(value: object) -> str:
     if (
         not name
         or len(value) > MAX_HOST_LENGTH
-        or not all(_HOST_LABEL.match(label) for label in labels)
+        or not all(_HOST_LABEL.fullmatch(label) for label in labels)
     ):
         raise ValueError("must be a host name or an IP address")
     return value.lower()
@@ -199,7 +199,7 @@ def _check_metadata(value: object) -> dict[str, str]:
     if len(value) > MAX_METADATA_ENTRIES:
         raise ValueError(f"must have at most {MAX_METADATA_ENTRIES} entries")
     for key, item in value.items():
-        if not METADATA_KEY.match(key):
+        if not METADATA_KEY.fullmatch(key):
             raise ValueError(
                 f"key {key[:40]!r}: keys are 1 to 128 characters of A-Z, a-z, 0-9, '.', '_' and '-'"
             )
