@@ -51,7 +51,7 @@ def test_valid_registrations_are_accepted_as_sent(body: dict[str, Any]) -> None:
 
 
 @given(registrations, st.sampled_from(["host", "port", "ttl", "status", "metadata", "tags", "id"]),
-       st.one_of(st.none(), st.booleans(), st.floats(allow_nan=False), st.lists(st.none(), max_size=1)))
+       st.one_of(st.none(), st.booleans(), st.floats(allow_nan=False), st.lists(st.none(), min_size=1, max_size=1)))
 def test_a_wrong_type_is_named(body: dict[str, Any], field: str, value: Any) -> None:
     """A field of the wrong type is refused, naming that field."""
     body = {**body, field: value}
