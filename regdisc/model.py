@@ -33,6 +33,11 @@ def rfc3339(timestamp: float) -> str:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def from_rfc3339(text: str) -> float:
+    """POSIX seconds from an RFC 3339 timestamp, as `rfc3339` writes them."""
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
 @attrs.frozen
 class Instance:
     """One live service instance as discovery shows it.
@@ -91,6 +96,23 @@ class Instance:
             "last_heartbeat_at": rfc3339(self.last_heartbeat_at),
             "expires_at": rfc3339(self.expires_at),
         }
+
+    @classmethod
+    def from_json(cls, wire: Mapping[str, Any]) -> Instance:
+        """An instance from its wire form; raises KeyError, TypeError or ValueError."""
+        return cls(
+            service=str(wire["service"]),
+            id=str(wire["id"]),
+            host=str(wire["host"]),
+            port=int(wire["port"]),
+            status=str(wire["status"]),
+            metadata={str(k): str(v) for k, v in wire["metadata"].items()},
+            tags=tuple(str(t) for t in wire["tags"]),
+            ttl=int(wire["ttl"]),
+            registered_at=from_rfc3339(wire["registered_at"]),
+            last_heartbeat_at=from_rfc3339(wire["last_heartbeat_at"]),
+            expires_at=from_rfc3339(wire["expires_at"]),
+        )
 
 
 @attrs.frozen

@@ -27,6 +27,7 @@ from twisted.web.iweb import IRequest
 from zope.interface import implementer
 
 from .model import Peer
+from .openssl import describe_ssl_error
 from .pki import fingerprint_sha256
 
 log = Logger()
@@ -111,7 +112,7 @@ class _PeerRecordingProtocol(ProtocolWrapper):
                 "refused a TLS handshake from {peer_address}: {reason}",
                 event="tls.handshake_refused",
                 peer_address=_address(self.transport.getPeer()),
-                reason=_ssl_reason(reason.value),
+                reason=describe_ssl_error(reason.value),
             )
         super().connectionLost(reason)
 
@@ -132,10 +133,3 @@ def _address(address: object) -> str:
     if host is None:
         return str(address)
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _ssl_reason(error: BaseException) -> str:
-    # pyOpenSSL errors carry a list of (library, function, reason) tuples.
-    entries = error.args[0] if error.args and isinstance(error.args[0], list) else []
-    reasons = [str(entry[-1]) for entry in entries if isinstance(entry, tuple) and entry]
-    return ", ".join(reasons) or str(error)

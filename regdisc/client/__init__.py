@@ -1,0 +1,34 @@
+"""The Twisted client of the registry: `RegistryClient` and its results and errors."""
+
+from .errors import (
+    InstanceExists,
+    InstanceNotFound,
+    InvalidRequest,
+    RegistryError,
+    RegistryUnavailable,
+    RequestTimedOut,
+    TLSRefused,
+    TokenExpired,
+    Unauthorized,
+)
+from .http import Lease, Registered, RegistryClient, ServiceSummary, Token
+from .tls import ClientTLS, ClientTLSError
+
+__all__ = [
+    "ClientTLS",
+    "ClientTLSError",
+    "InstanceExists",
+    "InstanceNotFound",
+    "InvalidRequest",
+    "Lease",
+    "Registered",
+    "RegistryClient",
+    "RegistryError",
+    "RegistryUnavailable",
+    "RequestTimedOut",
+    "ServiceSummary",
+    "TLSRefused",
+    "Token",
+    "TokenExpired",
+    "Unauthorized",
+]
