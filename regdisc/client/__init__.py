@@ -13,6 +13,7 @@ from .errors import (
 )
 from .http import Lease, Registered, RegistryClient, ServiceSummary, Token
 from .tls import ClientTLS, ClientTLSError
+from .watcher import ServiceWatcher
 
 __all__ = [
     "ClientTLS",
@@ -27,6 +28,7 @@ __all__ = [
     "RegistryUnavailable",
     "RequestTimedOut",
     "ServiceSummary",
+    "ServiceWatcher",
     "TLSRefused",
     "Token",
     "TokenExpired",

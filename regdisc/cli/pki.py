@@ -1,60 +1,16 @@
-"""The ``regdisc`` command line: one argparse subcommand per verb."""
+"""``regdisc pki``: make a CA and issue certificates, without openssl."""
 
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from regdisc.pki import PKIError, init_ca_dir, issue_to_dir
-
-__all__ = ["build_parser", "main", "run"]
-
-_PROG = "regdisc"
+from ..pki import init_ca_dir, issue_to_dir
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Return the parser for every verb; each sets ``func`` to its handler."""
-    parser = argparse.ArgumentParser(
-        prog=_PROG, description="Service registry and discovery."
-    )
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _add_pki(subparsers)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line ``argv`` (default ``sys.argv[1:]``); return its status."""
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)  # type: ignore[no-any-return]
-    except PKIError as error:
-        return _fail(str(error))
-    except OSError as error:
-        return _fail(_describe_os_error(error))
-
-
-def run() -> None:
-    """Console-script entry point: exit with ``main``'s status."""
-    sys.exit(main())
-
-
-def _fail(message: str) -> int:
-    print(f"{_PROG}: error: {message}", file=sys.stderr)
-    return 1
-
-
-def _describe_os_error(error: OSError) -> str:
-    if error.filename is not None and error.strerror:
-        return f"{error.filename}: {error.strerror}"
-    return str(error)
-
-
-# pki
-
-
-def _add_pki(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_pki(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``pki init`` and ``pki issue``."""
     pki = subparsers.add_parser(
         "pki",
         help="make a CA and issue certificates",
@@ -162,7 +118,3 @@ def _pki_issue(args: argparse.Namespace) -> int:
 def _print_paths(paths: Sequence[Path]) -> None:
     for path in paths:
         print(path)
-
-
-if __name__ == "__main__":
-    run()

@@ -1,0 +1,5 @@
+"""``python -m regdisc.cli``: the same as the ``regdisc`` command."""
+
+from . import run
+
+run()
