@@ -65,12 +65,35 @@ def server_tls_options(files: TLSFiles) -> CertificateOptions:
         authority = Certificate.loadPEM(ca)
     except Exception:
         raise TLSFileError(f"{files.ca}: not a PEM CA certificate") from None
-    return CertificateOptions(
+    return _ServerOptions(
         privateKey=private.privateKey.original,
         certificate=private.original,
         trustRoot=trustRootFromCertificates([authority]),
         raiseMinimumTo=TLSVersion.TLSv1_2,
     )
+
+
+class _ServerOptions(CertificateOptions):
+    """CertificateOptions that also note why a client certificate failed verification."""
+
+    _noting = False
+
+    def getContext(self) -> SSL.Context:
+        context = super().getContext()
+        if not self._noting:  # the context is made once and cached
+            context.set_verify(context.get_verify_mode(), _note_verify_error)
+            self._noting = True
+        return context
+
+
+def _note_verify_error(
+    connection: SSL.Connection, certificate: object, error: int, depth: int, ok: int
+) -> bool:
+    # OpenSSL's own message is only "certificate verify failed"; keep the
+    # reason on the connection's protocol for the refusal's log event.
+    if not ok:
+        connection.get_app_data().regdisc_verify_error = error
+    return bool(ok)
 
 
 def _read(path: Path, what: str) -> bytes:
@@ -108,13 +131,29 @@ class _PeerRecordingProtocol(ProtocolWrapper):
 
     def connectionLost(self, reason: Failure) -> None:
         if self.peer is None and reason.check(SSL.Error):
+            text = describe_ssl_error(reason.value)
+            why = _VERIFY_ERRORS.get(getattr(self.transport, "regdisc_verify_error", None))
             log.warn(
                 "refused a TLS handshake from {peer_address}: {reason}",
                 event="tls.handshake_refused",
                 peer_address=_address(self.transport.getPeer()),
-                reason=describe_ssl_error(reason.value),
+                reason=f"{text}: {why}" if why else text,
             )
         super().connectionLost(reason)
+
+
+# OpenSSL's X509_V_ERR codes that tell apart the refusals operators meet most.
+_VERIFY_ERRORS = {
+    2: "unable to get issuer certificate",
+    7: "certificate signature failure",
+    9: "certificate is not yet valid",
+    10: "certificate has expired",
+    18: "self-signed certificate",
+    19: "self-signed certificate in certificate chain",
+    20: "unable to get local issuer certificate (another CA?)",
+    21: "unable to verify the first certificate",
+    26: "unsuitable certificate purpose",
+}
 
 
 @implementer(IProtocolNegotiationFactory)

@@ -12,6 +12,7 @@ from .errors import (
     Unauthorized,
 )
 from .http import Lease, Registered, RegistryClient, ServiceSummary, Token
+from .registration import InstanceRegistration
 from .tls import ClientTLS, ClientTLSError
 from .watcher import ServiceWatcher
 
@@ -20,6 +21,7 @@ __all__ = [
     "ClientTLSError",
     "InstanceExists",
     "InstanceNotFound",
+    "InstanceRegistration",
     "InvalidRequest",
     "Lease",
     "Registered",
