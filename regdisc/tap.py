@@ -84,12 +84,29 @@ def make_service(config: Config, reactor: Any, stream: IO[str] = sys.stdout) -> 
     leases.setName("leases")
     leases.setServiceParent(root)
     endpoint = serverFromString(reactor, config.listen)
-    https = StreamServerEndpointService(endpoint, tls_factory(tls_options, site))
-    # Fail the start, rather than log and run portless, when the port is taken.
-    https._raiseSynchronously = True
+    https = HTTPSService(endpoint, tls_factory(tls_options, site))
     https.setName("https")
     https.setServiceParent(root)
     return root
+
+
+class HTTPSService(StreamServerEndpointService):
+    """Serves the API; stopping it also closes the connections it holds.
+
+    A stopped registry must look stopped: without this, clients holding
+    keep-alive connections would go on being answered.
+    """
+
+    def __init__(self, endpoint: Any, factory: Any) -> None:
+        super().__init__(endpoint, factory)
+        # Fail the start, rather than log and run portless, when the port is taken.
+        self._raiseSynchronously = True
+
+    def stopService(self) -> Deferred:
+        stopped = super().stopService()
+        for connection in list(self.factory.wrappedFactory.protocols):
+            connection.transport.loseConnection()
+        return stopped
 
 
 def listening_port(root: MultiService) -> Deferred:

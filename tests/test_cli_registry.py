@@ -241,5 +241,5 @@ async def test_keep_alive_until_interrupted(env: dict[str, str], daemon: Daemon,
         assert await observer.instances("web") == []
     finally:
         await observer.close()
-        if protocol.ended.called is False:
+        if not protocol.ended.called:
             process.signalProcess(signal.SIGKILL)

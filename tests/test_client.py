@@ -198,3 +198,54 @@ async def test_tls_refusals_name_the_side(daemon: Daemon, local_pki: LocalPKI, t
         assert by_us.value.side == "client"
     finally:
         await registry.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancelling_stops_at_once_and_tries_no_other_url(local_pki: LocalPKI) -> None:
+    """A cancelled request fails with CancelledError at once; no further URL is tried."""
+    from twisted.internet.defer import CancelledError
+    from twisted.internet.endpoints import TCP4ServerEndpoint
+    from twisted.internet.protocol import Factory, Protocol
+    from twisted.internet.task import deferLater
+
+    contacted: list[int] = []
+
+    class Silent(Protocol):
+        def connectionMade(self) -> None:
+            contacted.append(self.transport.getHost().port)
+
+    ports = [
+        await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Factory.forProtocol(Silent))
+        for _ in range(2)
+    ]
+    urls = [f"https://127.0.0.1:{p.getHost().port}" for p in ports]
+    registry = client_for(urls, local_pki.client_tls(local_pki.issue("henry")), reactor, timeout=5)
+    try:
+        answer = registry.services()
+        for _ in range(100):  # bounded: until the first server has the connection
+            if contacted:
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        answer.cancel()
+        with pytest.raises(CancelledError):
+            await answer
+        await deferLater(reactor, 0.1, lambda: None)
+        assert contacted == [ports[0].getHost().port]
+    finally:
+        await registry.close()
+        for port in ports:
+            await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stopped_daemon_drops_kept_alive_connections(local_pki: LocalPKI) -> None:
+    """After the daemon stops, a pooled connection gets no further answer."""
+    running = await start_daemon(local_pki, reactor)
+    registry = client_for(running, local_pki.client_tls(local_pki.issue("ivan")), reactor, timeout=2)
+    try:
+        assert await registry.services() == []
+        await running.stop()
+        with pytest.raises(RegistryUnavailable):
+            await registry.services()
+    finally:
+        await registry.close()

@@ -10,7 +10,7 @@ import attrs
 from OpenSSL import SSL
 from service_identity import VerificationError
 from treq.client import HTTPClient
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError, ConnectionClosed, DNSLookupError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -213,7 +213,28 @@ class RegistryClient:
         token: str | None = None,
         params: Sequence[tuple[str, str]] = (),
     ) -> Deferred:
-        return Deferred.fromCoroutine(self._failover(method, path, parse, body, token, params))
+        # Cancelling the answer stops the request and tries no further URL.
+        cancelled: list[bool] = []
+        inner = Deferred.fromCoroutine(
+            self._failover(method, path, parse, body, token, params, cancelled)
+        )
+
+        def cancel(outer: Deferred) -> None:
+            cancelled.append(True)
+            inner.cancel()
+
+        outer: Deferred = Deferred(cancel)
+
+        def forward(result: Any) -> None:
+            if outer.called:  # cancelled already; the late outcome has no taker
+                return
+            if isinstance(result, Failure):
+                outer.errback(result)
+            else:
+                outer.callback(result)
+
+        inner.addBoth(forward)
+        return outer
 
     async def _failover(
         self,
@@ -223,6 +244,7 @@ class RegistryClient:
         body: Any,
         token: str | None,
         params: Sequence[tuple[str, str]],
+        cancelled: list[bool],
     ) -> T:
         last: RegistryUnavailable | None = None
         for attempt in range(len(self._urls)):
@@ -230,6 +252,8 @@ class RegistryClient:
             try:
                 data = await self._once(self._urls[index], method, path, body, token, params)
             except RegistryUnavailable as e:
+                if cancelled:
+                    raise CancelledError() from None
                 last = e
                 if len(self._urls) > 1:
                     self.log.info(

@@ -74,8 +74,9 @@ class InstanceRegistration(Service):
     all of them at the same moment.
 
     Stopping cancels the next step, lets a request in flight finish and then
-    deregisters; the Deferred it returns fires, and never fails, within
-    ``stop_timeout`` seconds, whether the registry answered or not.
+    deregisters (registering once more for a fresh token if the registry
+    refuses the current one); the Deferred it returns fires, and never fails,
+    within ``stop_timeout`` seconds, whether the registry answered or not.
 
     At most one request is in flight at a time. Times come from ``clock``;
     the registry's and this host's clocks are assumed close (a token that
@@ -217,19 +218,7 @@ class InstanceRegistration(Service):
             return
         token = self._token
         if token is None:
-            self._send(
-                "register",
-                lambda: self._client.register(
-                    self._service,
-                    self._host,
-                    self._port,
-                    instance_id=self._instance_id,
-                    ttl=self._ttl,
-                    metadata=self._metadata,
-                    tags=self._tags,
-                    status=self._status,
-                ),
-            )
+            self._send("register", self._register)
         elif self._rotate_at is not None and self._clock.seconds() + _EARLY >= self._rotate_at:
             self._send(
                 "rotate", lambda: self._client.rotate_token(self._service, self._instance_id, token)
@@ -238,6 +227,18 @@ class InstanceRegistration(Service):
             self._send(
                 "heartbeat", lambda: self._client.heartbeat(self._service, self._instance_id, token)
             )
+
+    def _register(self) -> Deferred:
+        return self._client.register(
+            self._service,
+            self._host,
+            self._port,
+            instance_id=self._instance_id,
+            ttl=self._ttl,
+            metadata=self._metadata,
+            tags=self._tags,
+            status=self._status,
+        )
 
     def _send(self, step: str, request: Any) -> None:
         sent = maybeDeferred(request)
@@ -388,18 +389,32 @@ class InstanceRegistration(Service):
 
     # Stopping.
 
-    async def _shutdown(self) -> Instance | None:
+    async def _shutdown(self) -> str | None:
+        """Deregister, once the request in flight is answered; say how it went."""
         if self._in_flight is not None:
             await self._settled()
         token = self._token
         if token is None:
             return None
-        return await self._client.deregister(self._service, self._instance_id, token)
+        try:
+            await self._client.deregister(self._service, self._instance_id, token)
+        except InstanceNotFound:
+            return "already gone"  # a restarted registry, or a lease that lapsed
+        except (Unauthorized, TokenExpired):
+            # The token can expire while the request waits in a busy
+            # registry; this certificate may register again for a fresh one.
+            registered = await self._register()
+            self._token = registered.token
+            await self._client.deregister(self._service, self._instance_id, registered.token)
+        return "deregistered"
 
     def _settled(self) -> Deferred:
         """Fires once the request in flight has been answered; cancelling it cancels the request."""
 
-        def cancel(_: Deferred) -> None:
+        def cancel(waiter: Deferred) -> None:
+            # Out of the list first, so that the cancelled request's answer
+            # does not fire this waiter: it fails with CancelledError instead.
+            self._settle_waiters.remove(waiter)
             if self._in_flight is not None:
                 self._in_flight.cancel()
 
@@ -407,14 +422,15 @@ class InstanceRegistration(Service):
         self._settle_waiters.append(waiter)
         return waiter
 
-    def _deregistered(self, instance: Instance | None) -> None:
-        if instance is None and self._token is None:
-            return
+    def _deregistered(self, outcome: str | None) -> None:
+        if outcome is None:
+            return  # nothing was registered
         self.log.info(
-            "deregistered {service}/{instance_id}",
+            "deregistered {service}/{instance_id} ({outcome})",
             event="registration.deregistered",
             service=self._service,
             instance_id=self._instance_id,
+            outcome=outcome,
         )
 
     def _deregister_failed(self, failure: Failure) -> None:
