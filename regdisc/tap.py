@@ -91,10 +91,12 @@ def make_service(config: Config, reactor: Any, stream: IO[str] = sys.stdout) -> 
 
 
 class HTTPSService(StreamServerEndpointService):
-    """Serves the API; stopping it also closes the connections it holds.
+    """Serves the API; stopping it also drops the connections it holds.
 
     A stopped registry must look stopped: without this, clients holding
-    keep-alive connections would go on being answered.
+    keep-alive connections would go on being answered. The connections are
+    aborted, not shut down politely: a TLS shutdown waits for the peer's
+    reply, which an idle pooled client never sends.
     """
 
     def __init__(self, endpoint: Any, factory: Any) -> None:
@@ -105,7 +107,7 @@ class HTTPSService(StreamServerEndpointService):
     def stopService(self) -> Deferred:
         stopped = super().stopService()
         for connection in list(self.factory.wrappedFactory.protocols):
-            connection.transport.loseConnection()
+            connection.transport.abortConnection()
         return stopped
 
 
