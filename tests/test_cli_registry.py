@@ -220,7 +220,7 @@ async def test_keep_alive_until_interrupted(env: dict[str, str], daemon: Daemon,
     process = reactor.spawnProcess(
         protocol, sys.executable,
         [sys.executable, "-m", "regdisc.cli", "register", "web", "--host", "h", "--port", "1",
-         "--id", "kept", "--ttl", "2"],
+         "--id", "kept", "--ttl", "2", "--keep-alive"],
         env=env,
     )
     observer = client_for(daemon, dev_pki.client_tls(dev_pki.issue("observer")), reactor)
