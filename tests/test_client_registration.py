@@ -195,6 +195,7 @@ def fake(clock: Clock) -> Iterator[FakeRegistry]:
     registry = FakeRegistry(clock)
     yield registry
     assert registry.max_in_flight <= 1, "two requests were in flight at once"
+    assert clock.getDelayedCalls() == [], "a stopped registration left a call scheduled"
 
 
 def make(fake: FakeRegistry, seed: int = 0, **kwargs: Any) -> InstanceRegistration:
@@ -254,7 +255,6 @@ def test_generates_one_instance_id_per_object() -> None:
     second = InstanceRegistration(FakeRegistry(clock), "web", "h", 1, clock=clock)
     assert len(first.instance_id) == 32 and int(first.instance_id, 16) >= 0
     assert first.instance_id != second.instance_id
-    assert first.instance_id == first.instance_id
     assert InstanceRegistration(FakeRegistry(clock), "web", "h", 1, clock=clock, instance_id="w-1").instance_id == "w-1"
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random as _random
 import uuid
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import attrs
 from twisted.application.service import Service
@@ -67,9 +67,9 @@ class InstanceRegistration(Service):
     or rotation (the registry restarted, the lease lapsed, the token was
     refused) make it register again at once, under the same instance id.
     Any other failure, including a refused registration, is retried after a
-    capped exponential backoff with full jitter: after ``n`` failures in a row
-    the wait is uniform in ``[0, min(backoff_cap, backoff_base * 2**n)]``, but
-    at least ``backoff_base / 20``. Full jitter spreads the retries of many
+    capped exponential backoff with full jitter: the ``k``-th failure in a row
+    waits a time uniform in ``[0, min(backoff_cap, backoff_base * 2**(k-1))]``,
+    but at least ``backoff_base / 20``. Full jitter spreads the retries of many
     clients over the whole window, so a registry that restarts is not hit by
     all of them at the same moment.
 
@@ -240,7 +240,7 @@ class InstanceRegistration(Service):
             status=self._status,
         )
 
-    def _send(self, step: str, request: Any) -> None:
+    def _send(self, step: str, request: Callable[[], Deferred]) -> None:
         sent = maybeDeferred(request)
         # Set before adding callbacks: a fake may have fired already.
         self._in_flight = sent
