@@ -28,6 +28,16 @@ def named_block(name: str) -> str:
     return match["command"].strip()
 
 
+def test_readme_is_valid_restructuredtext() -> None:
+    """README.rst parses without a warning, so it renders as written."""
+    import docutils.core
+
+    docutils.core.publish_doctree(
+        (ROOT / "README.rst").read_text(),
+        settings_overrides={"halt_level": 2, "report_level": 5},
+    )
+
+
 def test_ci_runs_the_readme_test_command() -> None:
     """.ci/run's last command is the README's test command."""
     lines = [

@@ -152,7 +152,6 @@ def test_twistd_refuses_bad_settings_in_one_line(tmp_path: Path) -> None:
     """twistd with a malformed variable exits 1 with one line naming it."""
     env = {**os.environ, "HOME": str(tmp_path), "REGDISC_PORT": "abc"}
     result = subprocess.run(
-        [sys.executable, "-m", "twisted", "regdisc"] if False else
         [os.path.join(os.path.dirname(sys.executable), "twistd"), "-n", "--pidfile=", "regdisc"],
         env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path,
     )

@@ -26,7 +26,6 @@ from ..client import (
     TLSRefused,
 )
 from ..model import STATUSES, rfc3339
-from ..pki import default_dev_pki_dir
 from . import output
 from .output import fail
 
@@ -114,7 +113,7 @@ def _pair(text: str) -> tuple[str, str]:
 def _run(handler: Verb, args: argparse.Namespace) -> int:
     """Run ``handler`` on the reactor; print its output; map failures to exit statuses."""
     try:
-        tls = _client_tls(args, os.environ)
+        tls = ClientTLS.from_environment(os.environ, args.cert, args.key, args.ca)
     except ClientTLSError as e:
         return fail(str(e), 3)
     urls = args.url or [u for u in os.environ.get("REGDISC_URL", DEFAULT_URL).split(",") if u]
@@ -143,19 +142,6 @@ def _run(handler: Verb, args: argparse.Namespace) -> int:
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 1
     return 0
-
-
-def _client_tls(args: argparse.Namespace, environ: os._Environ[str] | dict[str, str]) -> ClientTLS:
-    dev = default_dev_pki_dir(environ)
-
-    def choose(given: Path | None, variable: str, fallback: str) -> Path:
-        return given or Path(environ.get(variable) or dev / fallback)
-
-    return ClientTLS.from_files(
-        choose(args.cert, "REGDISC_CLIENT_CERT", "client.pem"),
-        choose(args.key, "REGDISC_CLIENT_KEY", "client-key.pem"),
-        choose(args.ca, "REGDISC_CA", "ca.pem"),
-    )
 
 
 # The verbs. Each returns what to print.

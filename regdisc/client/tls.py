@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Mapping
 
 import attrs
 from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClientTLS
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
+
+from ..pki import default_dev_pki_dir
 
 
 class ClientTLSError(Exception):
@@ -36,6 +39,30 @@ class ClientTLS:
         except Exception:
             raise ClientTLSError(f"{ca}: not a PEM CA certificate") from None
         return cls(certificate, authority)
+
+    @classmethod
+    def from_environment(
+        cls,
+        environ: Mapping[str, str],
+        cert: Path | None = None,
+        key: Path | None = None,
+        ca: Path | None = None,
+    ) -> ClientTLS:
+        """Load the given paths, else ``REGDISC_CLIENT_CERT``, ``REGDISC_CLIENT_KEY``
+        and ``REGDISC_CA``, else the development PKI's client material.
+
+        So on a development machine, a client of ``twistd -n regdisc`` needs no setting.
+        """
+        dev = default_dev_pki_dir(environ)
+
+        def choose(given: Path | None, variable: str, fallback: str) -> Path:
+            return given or Path(environ.get(variable) or dev / fallback)
+
+        return cls.from_files(
+            choose(cert, "REGDISC_CLIENT_CERT", "client.pem"),
+            choose(key, "REGDISC_CLIENT_KEY", "client-key.pem"),
+            choose(ca, "REGDISC_CA", "ca.pem"),
+        )
 
     def policy(self) -> IPolicyForHTTPS:
         """The policy an Agent uses to open TLS connections to the registry."""
