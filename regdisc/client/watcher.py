@@ -105,7 +105,7 @@ class ServiceWatcher(Service):
 
     def watch(self, service: str) -> None:
         """Watch ``service`` too, refreshing it at once if running; watching twice is a no-op."""
-        if not isinstance(service, str) or not SERVICE_NAME.match(service):
+        if not isinstance(service, str) or not SERVICE_NAME.fullmatch(service):
             raise ValueError(f"not a service name: {service!r}")
         if service in self._states:
             return
