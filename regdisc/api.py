@@ -7,7 +7,10 @@ Handlers parse and check what arrives, call the `Registry`, and answer
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
+from random import Random
 from typing import Any, Callable
 
 from klein import Klein
@@ -25,6 +28,7 @@ from .errors import (
     PayloadTooLarge,
     UnsupportedMediaType,
 )
+from .feed import SERVICES
 from .model import Instance, Peer, rfc3339
 from .registry import Registry
 from .validation import (
@@ -39,6 +43,14 @@ from .validation import (
 MAX_BODY = 64 * 1024
 """The largest request body accepted, in bytes."""
 
+DEFAULT_WAIT = 60.0
+MAX_WAIT = 600.0
+"""A blocking query waits ``wait`` seconds (60 by default, 600 at most), plus up
+to a sixteenth more, at random, so that watchers do not return in lockstep."""
+
+_WAIT = re.compile(r"(\d{1,7})(ms|s|m)?")
+_WAIT_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}
+
 _INSTANCES = "/registry/services/<service>/instances"
 _INSTANCE = _INSTANCES + "/<instance_id>"
 
@@ -51,10 +63,17 @@ class RegistryAPI:
     app = Klein()
     log = Logger()
 
-    def __init__(self, registry: Registry, bounds: TTLBounds, peer_of: PeerOf) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        bounds: TTLBounds,
+        peer_of: PeerOf,
+        random: Random | None = None,
+    ) -> None:
         self._registry = registry
         self._bounds = bounds
         self._peer_of = peer_of
+        self._random = random if random is not None else Random()
 
     # The instance surface.
 
@@ -112,22 +131,38 @@ class RegistryAPI:
 
     @app.route("/registry/services", methods=["GET"])
     async def services(self, request: IRequest) -> bytes:
+        await self._block(request, SERVICES)
+        revision = self._registry.revision(SERVICES)
         counts = await self._registry.services()
         listed = [{"name": name, "instances": count} for name, count in counts]
-        return _data(request, {"services": listed})
+        return _discovery(request, {"services": listed}, revision)
 
     @app.route(_INSTANCES, methods=["GET"])
     async def instances(self, request: IRequest, service: str) -> bytes:
         check_service(service)
         status, tags, metadata = _filters(request)
+        await self._block(request, service)
+        revision = self._registry.revision(service)
         found = await self._registry.instances(service, status, tags, metadata)
         body = {"service": service, "instances": [i.to_json() for i in found]}
-        return _data(request, body)
+        return _discovery(request, body, revision)
 
     @app.route(_INSTANCE, methods=["GET"])
     async def instance(self, request: IRequest, service: str, instance_id: str) -> bytes:
         _check_path(service, instance_id)
-        return _instance(request, await self._registry.instance(service, instance_id))
+        revision = self._registry.revision(service)
+        found = await self._registry.instance(service, instance_id)
+        return _discovery(request, {"instance": found.to_json()}, revision)
+
+    async def _block(self, request: IRequest, service: str | None) -> None:
+        """Hold a blocking query (``?index=N&wait=30s``) until a change or its time is up."""
+        index = _index(request)
+        if index is None:
+            return
+        wait = _wait(request)
+        await self._registry.wait_for_change(
+            service, index, wait + self._random.uniform(0, wait / 16)
+        )
 
     # Failures, in the order Klein tries them.
 
@@ -167,6 +202,42 @@ def _data(request: IRequest, data: Any, status: int = 200) -> bytes:
     request.setResponseCode(status)
     request.setHeader("Content-Type", "application/json")
     return json.dumps({"data": data}, separators=(",", ":")).encode("utf-8")
+
+
+def _discovery(request: IRequest, data: Any, revision: int) -> bytes:
+    """A discovery answer: with its index, a strong ETag, and 304 when the client has it."""
+    body = json.dumps({"data": data}, separators=(",", ":")).encode("utf-8")
+    etag = '"' + hashlib.blake2b(body, digest_size=12).hexdigest() + '"'
+    request.setHeader("X-Regdisc-Index", str(revision))
+    request.setHeader("ETag", etag)
+    request.setHeader("Content-Type", "application/json")
+    matches = request.getHeader("If-None-Match")
+    if matches is not None and etag in (tag.strip() for tag in matches.split(",")):
+        request.setResponseCode(304)
+        return b""
+    return body
+
+
+def _index(request: IRequest) -> int | None:
+    values = request.args.get(b"index")
+    if not values:
+        return None
+    text = values[-1].decode("ascii", "replace")
+    if not text.isdigit() or len(text) > 19:
+        raise InvalidRequest("invalid index", {"index": "must be a whole number from 0"})
+    return int(text)
+
+
+def _wait(request: IRequest) -> float:
+    values = request.args.get(b"wait")
+    if not values:
+        return DEFAULT_WAIT
+    match = _WAIT.fullmatch(values[-1].decode("ascii", "replace"))
+    if match is None:
+        raise InvalidRequest(
+            "invalid wait", {"wait": "a duration such as 30s, 500ms or 5m, at most 10m"}
+        )
+    return min(MAX_WAIT, int(match[1]) * _WAIT_UNITS[match[2]])
 
 
 def _instance(request: IRequest, instance: Instance) -> bytes:

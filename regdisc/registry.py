@@ -10,6 +10,7 @@ import uuid
 from typing import Any, Awaitable, Callable, Mapping, TypeVar
 
 import attrs
+from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -163,6 +164,30 @@ class Registry:
         return instance
 
     # The discovery surface.
+
+    def revision(self, service: str | None) -> int:
+        """The revision of the last visible change to ``service`` (None: to the service list)."""
+        return self._store.feed.service_revision(service)
+
+    async def wait_for_change(self, service: str | None, index: int, timeout: float) -> None:
+        """Return once ``service`` (None: the service list) changed after ``index``,
+        or after ``timeout`` seconds, whichever comes first.
+
+        An ``index`` ahead of the registry's revision (the registry restarted and
+        counts anew) returns at once, so the client sees the reset.
+        """
+        if index > self._store.feed.revision:
+            return
+        waiter = self._store.feed.wait(service, index)
+        timer = self._clock.callLater(timeout, waiter.cancel)
+        try:
+            await waiter
+        except CancelledError:
+            if timer.active():
+                raise  # our caller gave up (the client went away), not the timer
+        finally:
+            if timer.active():
+                timer.cancel()
 
     async def services(self) -> list[tuple[str, int]]:
         """Each service with a live instance, by name, with its count."""

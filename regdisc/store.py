@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import heapq
-import itertools
 from typing import Iterable
 
 import attrs
 
 from twisted.internet.defer import Deferred, fail, succeed
-from zope.interface import Interface, implementer
+from zope.interface import Attribute, Interface, implementer
 
 from .errors import Conflict, InstanceExists
+from .feed import ChangeFeed
 from .model import Instance, Registration
 
 
@@ -22,7 +22,11 @@ class IStore(Interface):
     every operation, whether or not it has been evicted yet. Writes name the
     registration they replace and fail with `Conflict` if it has changed since
     it was read, so a backend shared by several nodes can refuse lost updates.
+    Every write advances the revision of the store's `ChangeFeed`, and each
+    change that discovery can see is recorded there.
     """
+
+    feed = Attribute("The `ChangeFeed` of this store's revisions and visible changes.")
 
     def get(service: str, instance_id: str, now: float) -> Deferred:
         """The live `Registration`, or None."""
@@ -59,13 +63,13 @@ class MemoryStore:
     All operations complete at once, so their Deferreds have already fired.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, feed: ChangeFeed | None = None) -> None:
+        self.feed = feed if feed is not None else ChangeFeed()
         self._services: dict[str, dict[str, Registration]] = {}
         self._count = 0
         # (expires_at, service, id); renewals push a new entry and leave the old
         # one stale, to be skipped when popped or dropped by _compact.
         self._deadlines: list[tuple[float, str, str]] = []
-        self._revisions = itertools.count(1)
 
     def __len__(self) -> int:
         """How many registrations are held, evicted or not yet."""
@@ -85,12 +89,18 @@ class MemoryStore:
         existing = self._lookup(service, instance_id)
         if existing is not None and existing.instance.is_live(now):
             return fail(InstanceExists(f"instance {instance_id!r} of {service!r} is already registered"))
-        return succeed(self._put(registration))
+        stored = self._put(registration)
+        self.feed.record("registered", stored.instance, stored.revision)
+        return succeed(stored)
 
     def replace(self, current: Registration, new: Registration) -> Deferred:
         if current.key != new.key or not self._holds(current):
             return fail(Conflict(current.key))
-        return succeed(self._put(new))
+        stored = self._put(new)
+        kind = _change_kind(current.instance, stored.instance)
+        if kind is not None:
+            self.feed.record(kind, stored.instance, stored.revision)
+        return succeed(stored)
 
     def renew(self, current: Registration, now: float) -> Deferred:
         if not self._holds(current):
@@ -103,6 +113,7 @@ class MemoryStore:
         if not self._holds(current):
             return fail(Conflict(current.key))
         self._remove(*current.key)
+        self.feed.record("deregistered", current.instance)
         return succeed(None)
 
     def services(self, now: float) -> Deferred:
@@ -132,6 +143,7 @@ class MemoryStore:
             found = self._lookup(service, instance_id)
             if found is not None and not found.instance.is_live(now):
                 self._remove(service, instance_id)
+                self.feed.record("evicted", found.instance)
                 evicted.append(found.instance)
         return evicted
 
@@ -142,7 +154,7 @@ class MemoryStore:
         return found is not None and found.revision == registration.revision
 
     def _put(self, registration: Registration) -> Registration:
-        stored = attrs.evolve(registration, revision=next(self._revisions))
+        stored = attrs.evolve(registration, revision=self.feed.advance())
         self._store(stored)
         return stored
 
@@ -180,3 +192,12 @@ def _heap_of(services: Iterable[dict[str, Registration]]) -> list[tuple[float, s
     ]
     heapq.heapify(heap)
     return heap
+
+
+def _change_kind(old: Instance, new: Instance) -> str | None:
+    """What a replacement looks like from discovery: a new registration, an update, or nothing."""
+    if new.registered_at != old.registered_at:
+        return "registered"
+    if attrs.evolve(new, last_heartbeat_at=old.last_heartbeat_at, expires_at=old.expires_at) != old:
+        return "updated"
+    return None  # a token rotation: nothing discovery shows has changed

@@ -1,0 +1,1 @@
+"""The etcd backend: several stateless registry nodes sharing one etcd cluster."""
