@@ -22,8 +22,8 @@ URLS = os.environ.get("REGDISC_URL", "https://localhost:8443").split(",")
 application = service.Application("hello")
 registry = RegistryClient(URLS, ClientTLS.from_environment(os.environ), reactor)
 
-# Discovery: keep the greeters' list fresh in memory.
-greeters = ServiceWatcher(registry, ["greeter"], clock=reactor, interval=2.0)
+# Discovery: follow the greeters' list with blocking queries, served from memory.
+greeters = ServiceWatcher(registry, ["greeter"], clock=reactor)
 greeters.setServiceParent(application)
 
 

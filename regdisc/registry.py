@@ -173,10 +173,11 @@ class Registry:
         """Return once ``service`` (None: the service list) changed after ``index``,
         or after ``timeout`` seconds, whichever comes first.
 
-        An ``index`` ahead of the registry's revision (the registry restarted and
-        counts anew) returns at once, so the client sees the reset.
+        An ``index`` ahead of the service's own revision can only come from an
+        earlier life of the registry (it restarted and counts anew): that returns
+        at once, so the client sees the reset.
         """
-        if index > self._store.feed.revision:
+        if index > self._store.feed.service_revision(service):
             return
         waiter = self._store.feed.wait(service, index)
         timer = self._clock.callLater(timeout, waiter.cancel)

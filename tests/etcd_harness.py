@@ -23,7 +23,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator
 
 import attrs
 import pytest
@@ -394,7 +394,7 @@ def etcd_cluster(tmp_path: Path) -> Iterator[Callable[..., EtcdCluster]]:
             cluster.stop()
 
 
-__all__: Sequence[str] = [
+__all__ = [
     "ClusterTLS",
     "EtcdCluster",
     "EtcdMember",

@@ -148,3 +148,17 @@ def test_run_command_serves_a_round_trip(tmp_path: Path) -> None:
     assert "tls.development_pki" in events
     assert "instance.registered" in events and "instance.deregistered" in events
     assert token not in "".join(output) + rest
+
+
+def test_setup_cfg_lists_every_package() -> None:
+    """Every package folder under regdisc/ is listed for installation, with the drop-in."""
+    import configparser
+
+    parser = configparser.ConfigParser()
+    parser.read(ROOT / "setup.cfg")
+    listed = set(parser["options"]["packages"].split())
+    found = {
+        ".".join(path.parent.relative_to(ROOT).parts)
+        for path in (ROOT / "regdisc").rglob("__init__.py")
+    }
+    assert listed == found | {"twisted.plugins"}

@@ -11,7 +11,7 @@ from .errors import (
     TokenExpired,
     Unauthorized,
 )
-from .http import Lease, Registered, RegistryClient, ServiceSummary, Token
+from .http import InstanceList, Lease, Registered, RegistryClient, ServiceSummary, Token
 from .registration import InstanceRegistration
 from .tls import ClientTLS, ClientTLSError
 from .watcher import ServiceWatcher
@@ -20,6 +20,7 @@ __all__ = [
     "ClientTLS",
     "ClientTLSError",
     "InstanceExists",
+    "InstanceList",
     "InstanceNotFound",
     "InstanceRegistration",
     "InvalidRequest",

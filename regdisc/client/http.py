@@ -15,6 +15,7 @@ from twisted.internet.error import ConnectError, ConnectionClosed, DNSLookupErro
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed
+from twisted.web.http_headers import Headers
 from twisted.web._newclient import RequestTransmissionFailed
 
 from ..model import Instance, from_rfc3339
@@ -29,6 +30,9 @@ from .errors import (
 from .tls import ClientTLS
 
 T = TypeVar("T")
+
+MAX_WAIT = 600.0
+"""The longest the registry holds a blocking query, in seconds: longer waits are cut to it."""
 
 
 @attrs.frozen
@@ -64,6 +68,22 @@ class ServiceSummary:
     instances: int
 
 
+@attrs.frozen
+class InstanceList:
+    """A service's instances with the index they were read at (the service's revision)."""
+
+    instances: list[Instance]
+    index: int
+
+
+@attrs.frozen
+class _Answer:
+    """A successful answer's ``data`` and its headers."""
+
+    data: Any
+    headers: Headers
+
+
 class RegistryClient:
     """One client for one registry, reachable at one or more base URLs.
 
@@ -90,7 +110,8 @@ class RegistryClient:
         self._reactor = reactor
         self._timeout = timeout
         self._pool = HTTPConnectionPool(reactor, persistent=persistent)
-        self._pool.maxPersistentPerHost = 8
+        # A watcher holds one blocking query per service it follows.
+        self._pool.maxPersistentPerHost = 32
         self._http = HTTPClient(Agent(reactor, contextFactory=tls.policy(), pool=self._pool))
         self._current = 0
 
@@ -185,17 +206,56 @@ class RegistryClient:
         metadata: Mapping[str, str] | None = None,
     ) -> Deferred:
         """Fires with the live `Instance` list of a service, filtered as asked."""
-        params: list[tuple[str, str]] = []
-        if status is not None:
-            params.append(("status", status))
-        params.extend(("tag", tag) for tag in tags)
-        params.extend((f"meta.{k}", v) for k, v in (metadata or {}).items())
         return self._call(
             "GET",
             _instances(service),
             lambda data: [Instance.from_json(i) for i in data["instances"]],
-            params=params,
+            params=_filters(status, tags, metadata),
         )
+
+    def watch_instances(
+        self,
+        service: str,
+        *,
+        index: int = 0,
+        wait: float | None = 60.0,
+        status: str | None = None,
+        tags: Sequence[str] = (),
+        metadata: Mapping[str, str] | None = None,
+    ) -> Deferred:
+        """A blocking query: fires with an `InstanceList` once ``service`` changed after ``index``.
+
+        The registry answers at once if the service changed after ``index``
+        (for ``index=0``: if it ever changed), or if ``index`` is ahead of its
+        own revision (a restarted registry counts anew: the answer's lower
+        index says so, and is the one to ask with next). Otherwise it holds
+        the request until the service changes, or for ``wait`` seconds plus
+        up to a sixteenth more, and then answers the same list and index.
+        ``wait`` is cut to `MAX_WAIT`; this request's time-out is the wait,
+        its sixteenth, and the client's ``timeout`` on top.
+
+        ``wait=None`` does not block: a plain read (``index`` is not sent)
+        that answers the list with its index, to start watching from.
+        """
+        if not isinstance(index, int) or index < 0:
+            raise ValueError(f"index must be a whole number from 0, not {index!r}")
+        params = _filters(status, tags, metadata)
+        timeout = self._timeout
+        if wait is not None:
+            if not wait >= 0:
+                raise ValueError(f"wait must be at least 0 seconds, not {wait!r}")
+            millis = round(min(float(wait), MAX_WAIT) * 1000)
+            params += [("index", str(index)), ("wait", _duration(millis))]
+            timeout += millis / 1000 * (1 + 1 / 16)
+
+        def read(answer: _Answer) -> InstanceList:
+            raw = (answer.headers.getRawHeaders(b"X-Regdisc-Index") or [b""])[-1]
+            if not raw.isdigit():
+                raise ValueError(f"X-Regdisc-Index is not an index: {raw[:40]!r}")
+            instances = [Instance.from_json(i) for i in answer.data["instances"]]
+            return InstanceList(instances, int(raw))
+
+        return self._request("GET", _instances(service), read, params=params, timeout=timeout)
 
     def instance(self, service: str, instance_id: str) -> Deferred:
         """Fires with one `Instance`, or fails with `InstanceNotFound`."""
@@ -213,10 +273,30 @@ class RegistryClient:
         token: str | None = None,
         params: Sequence[tuple[str, str]] = (),
     ) -> Deferred:
+        """Fires with ``parse`` of the answer's ``data``."""
+        return self._request(
+            method, path, lambda answer: parse(answer.data), body=body, token=token, params=params
+        )
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        read: Callable[[_Answer], T],
+        *,
+        body: Any = None,
+        token: str | None = None,
+        params: Sequence[tuple[str, str]] = (),
+        timeout: float | None = None,
+    ) -> Deferred:
+        """Fires with ``read`` of the whole answer; ``timeout`` (per URL) overrides the client's."""
         # Cancelling the answer stops the request and tries no further URL.
         cancelled: list[bool] = []
         inner = Deferred.fromCoroutine(
-            self._failover(method, path, parse, body, token, params, cancelled)
+            self._failover(
+                method, path, read, body, token, params,
+                self._timeout if timeout is None else timeout, cancelled,
+            )
         )
 
         def cancel(outer: Deferred) -> None:
@@ -240,17 +320,20 @@ class RegistryClient:
         self,
         method: str,
         path: str,
-        parse: Callable[[Any], T],
+        read: Callable[[_Answer], T],
         body: Any,
         token: str | None,
         params: Sequence[tuple[str, str]],
+        timeout: float,
         cancelled: list[bool],
     ) -> T:
         last: RegistryUnavailable | None = None
         for attempt in range(len(self._urls)):
             index = (self._current + attempt) % len(self._urls)
             try:
-                data = await self._once(self._urls[index], method, path, body, token, params)
+                answer = await self._once(
+                    self._urls[index], method, path, body, token, params, timeout
+                )
             except RegistryUnavailable as e:
                 if cancelled:
                     raise CancelledError() from None
@@ -265,7 +348,7 @@ class RegistryClient:
                 continue
             self._current = index
             try:
-                return parse(data)
+                return read(answer)
             except (KeyError, TypeError, ValueError) as e:
                 raise RegistryError(200, "bad_answer", f"unexpected answer: {e!r}") from None
         assert last is not None
@@ -279,7 +362,8 @@ class RegistryClient:
         body: Any,
         token: str | None,
         params: Sequence[tuple[str, str]],
-    ) -> Any:
+        timeout: float,
+    ) -> _Answer:
         headers = {"Accept": ["application/json"]}
         if token is not None:
             headers["Authorization"] = [f"Bearer {token}"]
@@ -289,11 +373,11 @@ class RegistryClient:
             data = json.dumps(body).encode("utf-8")
         url = base + path
 
-        async def exchange() -> tuple[int, bytes]:
+        async def exchange() -> tuple[int, Headers, bytes]:
             response = await self._http.request(
                 method, url, headers=headers, data=data, params=list(params) or None
             )
-            return response.code, await response.content()
+            return response.code, response.headers, await response.content()
 
         attempt = Deferred.fromCoroutine(exchange())
         # Not Deferred.addTimeout: treq wraps the cancellation in
@@ -304,12 +388,12 @@ class RegistryClient:
             expired.append(True)
             attempt.cancel()
 
-        timer = self._reactor.callLater(self._timeout, expire)
+        timer = self._reactor.callLater(timeout, expire)
         try:
-            code, raw = await attempt
+            code, answer_headers, raw = await attempt
         except Exception as e:
             if expired:
-                raise RequestTimedOut(base, f"no answer within {self._timeout:g} s") from None
+                raise RequestTimedOut(base, f"no answer within {timeout:g} s") from None
             raise _unavailable(base, e) from None
         finally:
             if timer.active():
@@ -322,7 +406,7 @@ class RegistryClient:
             raise error_from_answer(code, answer)
         if not isinstance(answer, dict) or "data" not in answer:
             raise RegistryError(code, "bad_answer", "an answer without data")
-        return answer["data"]
+        return _Answer(answer["data"], answer_headers)
 
 
 def _instances(service: str) -> str:
@@ -331,6 +415,23 @@ def _instances(service: str) -> str:
 
 def _instance(service: str, instance_id: str) -> str:
     return f"{_instances(service)}/{quote(instance_id, safe='')}"
+
+
+def _filters(
+    status: str | None, tags: Sequence[str], metadata: Mapping[str, str] | None
+) -> list[tuple[str, str]]:
+    """The query parameters of the discovery filters."""
+    params: list[tuple[str, str]] = []
+    if status is not None:
+        params.append(("status", status))
+    params.extend(("tag", tag) for tag in tags)
+    params.extend((f"meta.{k}", v) for k, v in (metadata or {}).items())
+    return params
+
+
+def _duration(millis: int) -> str:
+    """A wait as the registry reads it: whole seconds, or else milliseconds."""
+    return f"{millis // 1000}s" if millis % 1000 == 0 else f"{millis}ms"
 
 
 def _instance_of(data: Any) -> Instance:

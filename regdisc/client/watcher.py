@@ -1,4 +1,4 @@
-"""`ServiceWatcher`: a discovery cache that keeps services' instance lists fresh by polling."""
+"""`ServiceWatcher`: a discovery cache that follows services' instance lists with blocking queries."""
 
 from __future__ import annotations
 
@@ -14,28 +14,36 @@ from twisted.python.failure import Failure
 
 from ..model import SERVICE_NAME, Instance
 from .errors import RegistryError, RegistryUnavailable
+from .http import MAX_WAIT, InstanceList
 
 STRATEGIES = ("random", "round_robin")
 """The ways `ServiceWatcher.pick` can choose an instance."""
+
+DEFAULT_WAIT = 60.0
+"""How long the registry holds a watcher's query while nothing changes, by default."""
 
 Subscriber = Callable[[str, list[Instance]], object]
 """Called with a service and its new instance list when that list changes."""
 
 
 class InstanceSource(Protocol):
-    """What the watcher needs of a `RegistryClient`."""
+    """What the watcher needs of a `RegistryClient`: `RegistryClient.watch_instances`."""
 
-    def instances(self, service: str) -> Deferred: ...
+    def watch_instances(self, service: str, *, index: int = 0, wait: float | None = 60.0) -> Deferred:
+        """Fires with an `InstanceList`; ``wait=None`` reads at once, else it blocks."""
+        ...
 
 
 @attrs.define(eq=False)
 class _Watched:
-    """What the watcher knows of one service, and its polling state."""
+    """What the watcher knows of one service, and the state of its queries."""
 
     service: str
     instances: list[Instance] = attrs.Factory(list)
+    index: int | None = None  # the index of the last answer; None until the first
     last_success: float | None = None
     failures: int = 0
+    not_held: bool = False  # the registry answers without holding: polled every wait seconds
     call: IDelayedCall | None = None
     pending: Deferred | None = None
     last_picked: str | None = None  # the round-robin cursor: an id, so it survives list changes
@@ -44,11 +52,26 @@ class _Watched:
 class ServiceWatcher(Service):
     """Keeps the instance lists of watched services fresh and serves them from memory.
 
-    Each service is polled on its own schedule: every ``interval`` seconds,
-    give or take ``jitter`` (a fraction), with at most one request in flight.
-    After a failure the last known list is kept and the retry waits a delay
-    drawn uniformly between ``interval / 10`` and the exponential backoff
-    ceiling ``min(backoff_cap, interval * 2 ** (failures - 1))``.
+    Each service is followed on its own with blocking queries, one request in
+    flight at a time. The first is a plain read; each later one carries the
+    index of the last answer, and the registry holds it until the service
+    changes or ``wait`` seconds (plus up to a sixteenth) pass. The next
+    request goes out as soon as an answer arrives, so a change reaches the
+    watcher within a round trip, and an idle service costs one request per
+    ``wait``. An answer whose index is lower than the one held means the
+    registry restarted and counts anew: its list and index are taken, and
+    the next query carries that index (Consul's rule).
+
+    After a failure the last known list and index are kept, and the retry
+    waits a delay drawn uniformly (full jitter) between ``backoff_base / 10``
+    and the ceiling ``min(backoff_cap, backoff_base * 2 ** (failures - 1))``.
+
+    A registry that answers a held query early with the same index does not
+    hold queries (an older registry, or a proxy that drops the query string):
+    the watcher then polls it every ``wait`` seconds, give or take ``jitter``
+    (a fraction), rather than ask again in a tight loop.
+
+    ``interval`` is the former name of ``wait``, still accepted.
     """
 
     log = Logger()
@@ -59,21 +82,32 @@ class ServiceWatcher(Service):
         services: Iterable[str],
         *,
         clock: IReactorTime,
-        interval: float = 5.0,
+        wait: float | None = None,
+        interval: float | None = None,
         jitter: float = 0.1,
+        backoff_base: float = 1.0,
         backoff_cap: float = 30.0,
         random: Random | None = None,
     ) -> None:
-        if not interval > 0:
-            raise ValueError(f"interval must be positive, not {interval!r}")
+        if interval is not None:
+            if wait is not None:
+                raise TypeError("give wait or its former name interval, not both")
+            wait = interval
+        if wait is None:
+            wait = DEFAULT_WAIT
+        if not 0 < wait <= MAX_WAIT:
+            raise ValueError(f"wait must be above 0 and at most {MAX_WAIT:g} seconds, not {wait!r}")
         if not 0 <= jitter < 1:
             raise ValueError(f"jitter must be in [0, 1), not {jitter!r}")
+        if not backoff_base > 0:
+            raise ValueError(f"backoff_base must be positive, not {backoff_base!r}")
         if not backoff_cap > 0:
             raise ValueError(f"backoff_cap must be positive, not {backoff_cap!r}")
         self._client = client
         self._clock = clock
-        self._interval = float(interval)
+        self._wait = float(wait)
         self._jitter = float(jitter)
+        self._backoff_base = float(backoff_base)
         self._backoff_cap = float(backoff_cap)
         self._random = random if random is not None else Random()
         self._states: dict[str, _Watched] = {}
@@ -83,15 +117,20 @@ class ServiceWatcher(Service):
 
     # The service's life.
 
+    @property
+    def wait(self) -> float:
+        """How long the registry may hold each query while nothing changes, in seconds."""
+        return self._wait
+
     def startService(self) -> None:
-        """Refresh every watched service at once; each then follows its own schedule."""
+        """Query every watched service at once; each then follows its own answers."""
         super().startService()
         for state in list(self._states.values()):
             if self._states.get(state.service) is state:
                 self._refresh(state)
 
     def stopService(self) -> None:
-        """Cancel every scheduled refresh and every request in flight."""
+        """Cancel every scheduled retry and every request in flight, held queries too."""
         super().stopService()
         for state in self._states.values():
             self._halt(state)
@@ -104,7 +143,7 @@ class ServiceWatcher(Service):
         return sorted(self._states)
 
     def watch(self, service: str) -> None:
-        """Watch ``service`` too, refreshing it at once if running; watching twice is a no-op."""
+        """Watch ``service`` too, querying it at once if running; watching twice is a no-op."""
         if not isinstance(service, str) or not SERVICE_NAME.fullmatch(service):
             raise ValueError(f"not a service name: {service!r}")
         if service in self._states:
@@ -143,22 +182,38 @@ class ServiceWatcher(Service):
 
     # Freshness.
 
+    def index(self, service: str) -> int | None:
+        """The index of the last answer for ``service`` (its revision), or None before the first."""
+        return self._state(service).index
+
     def last_success(self, service: str) -> float | None:
-        """When ``service`` was last refreshed successfully (clock seconds), or None if never."""
+        """When the last answer for ``service`` arrived (clock seconds), or None if none did."""
         return self._state(service).last_success
 
     def staleness(self, service: str) -> float | None:
-        """Seconds since the last successful refresh of ``service``, or None if never."""
+        """Seconds since the last answer for ``service`` arrived, or None if none did.
+
+        A held query is an answer not given yet, so while the registry is
+        healthy and the service idle, staleness grows to about
+        ``wait * 17 / 16`` plus a round trip before the held answer comes back
+        and resets it (a change resets it sooner). Beyond that, the held query
+        did not come back in time: the registry or the way to it is in
+        trouble. Pick `is_stale`'s ``max_age`` above it, such as ``2 * wait``.
+        """
         last = self._state(service).last_success
         return None if last is None else self._clock.seconds() - last
 
     def is_stale(self, service: str, max_age: float) -> bool:
-        """Whether ``service`` was never refreshed or not within ``max_age`` seconds."""
+        """Whether no answer for ``service`` arrived, or none within ``max_age`` seconds.
+
+        While healthy, `staleness` reaches about ``wait * 17 / 16``: a
+        ``max_age`` below that calls an idle, healthy service stale.
+        """
         age = self.staleness(service)
         return age is None or age > max_age
 
     def consecutive_failures(self, service: str) -> int:
-        """How many refreshes of ``service`` failed since the last success."""
+        """How many queries of ``service`` failed since the last answer."""
         return self._state(service).failures
 
     # Change notification.
@@ -178,38 +233,52 @@ class ServiceWatcher(Service):
 
         return unsubscribe
 
-    # Polling.
+    # Blocking queries.
 
     def _refresh(self, state: _Watched) -> None:
-        """Ask the registry for one service's list; the answer schedules the next refresh.
+        """Ask the registry for one service's list; the answer sends the next query.
 
-        The only place that polls: a push feed would replace this step and
-        hand what it receives to `_succeeded` and `_failed`.
+        The one step that talks to the registry: a plain read until the first
+        answer, then blocking queries from the last answer's index.
         """
         if state.pending is not None:
             return
         state.call = None
-        d = maybeDeferred(self._client.instances, state.service)
+        asked, asked_at = state.index, self._clock.seconds()
+        if asked is None:
+            d = maybeDeferred(self._client.watch_instances, state.service, wait=None)
+        else:
+            d = maybeDeferred(self._client.watch_instances, state.service, index=asked, wait=self._wait)
         state.pending = d
-        d.addBoth(self._answered, state, d)
+        d.addBoth(self._answered, state, d, asked, asked_at)
 
-    def _answered(self, result: Any, state: _Watched, d: Deferred) -> None:
-        """Take in one answer (a list or a Failure) for ``state`` and schedule the next refresh."""
+    def _answered(
+        self, result: Any, state: _Watched, d: Deferred, asked: int | None, asked_at: float
+    ) -> None:
+        """Take in one answer (an `InstanceList` or a Failure) and send the next query."""
         if state.pending is not d:
             # Stopped, unwatched or cancelled meanwhile: the answer is no longer ours.
             return None
         state.pending = None
+        delay: float | None
         if isinstance(result, Failure):
             delay = self._failed(state, result)
         else:
-            delay = self._succeeded(state, list(result))
+            delay = self._succeeded(state, result, asked, asked_at)
         # A subscriber may have stopped the watcher or unwatched the service.
         if self.running and self._states.get(state.service) is state:
-            state.call = self._clock.callLater(delay, self._refresh, state)
+            if delay is None:
+                self._refresh(state)
+            else:
+                state.call = self._clock.callLater(delay, self._refresh, state)
         return None
 
-    def _succeeded(self, state: _Watched, instances: list[Instance]) -> float:
+    def _succeeded(
+        self, state: _Watched, answer: InstanceList, asked: int | None, asked_at: float
+    ) -> float | None:
+        """Take the answer; None to ask again at once, else the delay before the next query."""
         now = self._clock.seconds()
+        instances, index = list(answer.instances), answer.index
         if state.failures:
             self.log.info(
                 "refreshed {service} again after {failures} failures",
@@ -218,9 +287,17 @@ class ServiceWatcher(Service):
                 failures=state.failures,
                 stale_for=None if state.last_success is None else now - state.last_success,
             )
+        if state.index is not None and index < state.index:
+            self.log.info(
+                "the index of {service} went back from {held} to {index}: the registry counts anew",
+                event="watcher.index_reset",
+                service=state.service,
+                held=state.index,
+                index=index,
+            )
         changed = _fingerprint(state.instances) != _fingerprint(instances)
         before = {i.id for i in state.instances}
-        state.instances, state.last_success, state.failures = instances, now, 0
+        state.instances, state.index, state.last_success, state.failures = instances, index, now, 0
         if changed:
             after = {i.id for i in instances}
             self.log.debug(
@@ -232,7 +309,22 @@ class ServiceWatcher(Service):
                 removed=sorted(before - after),
             )
             self._notify(state.service, instances)
-        return self._interval * (1 + self._random.uniform(-self._jitter, self._jitter))
+        # A registry that holds queries answers an unchanged index only after
+        # the whole wait; sooner means it does not hold them, and asking again
+        # at once would spin.
+        if asked is not None and index == asked and now - asked_at < self._wait / 2:
+            if not state.not_held:
+                self.log.warn(
+                    "the registry answered a blocking query for {service} without holding it;"
+                    " polling every {wait:g} s",
+                    event="watcher.not_held",
+                    service=state.service,
+                    wait=self._wait,
+                )
+            state.not_held = True
+            return self._wait * (1 + self._random.uniform(-self._jitter, self._jitter))
+        state.not_held = False
+        return None
 
     def _failed(self, state: _Watched, failure: Failure) -> float:
         state.failures += 1
@@ -260,8 +352,8 @@ class ServiceWatcher(Service):
     def _backoff(self, failures: int) -> float:
         """A retry delay with full jitter under the capped exponential ceiling."""
         # The exponent is bounded so that a long outage cannot overflow a float.
-        ceiling = min(self._backoff_cap, self._interval * 2.0 ** min(failures - 1, 64))
-        floor = min(self._interval / 10, ceiling)
+        ceiling = min(self._backoff_cap, self._backoff_base * 2.0 ** min(failures - 1, 64))
+        floor = min(self._backoff_base / 10, ceiling)
         return self._random.uniform(floor, ceiling)
 
     def _notify(self, service: str, instances: list[Instance]) -> None:
