@@ -14,6 +14,7 @@ from random import Random
 from typing import Any, Callable
 
 from klein import Klein
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
@@ -31,6 +32,7 @@ from .errors import (
 from .feed import SERVICES
 from .model import Instance, Peer, rfc3339
 from .registry import Registry
+from .stream import EventStream, followed_services, start_revision
 from .validation import (
     TTLBounds,
     check_instance_id,
@@ -153,6 +155,14 @@ class RegistryAPI:
         revision = self._registry.revision(service)
         found = await self._registry.instance(service, instance_id)
         return _discovery(request, {"instance": found.to_json()}, revision)
+
+    @app.route("/registry/events", methods=["GET"])
+    def events(self, request: IRequest) -> Deferred:
+        """Changes as Server-Sent Events (`regdisc.stream`), from ``since`` or ``Last-Event-ID``."""
+        services = followed_services(request)
+        since = start_revision(request)  # both raise InvalidRequest before the stream starts
+        stream = EventStream.of_registry(request, self._registry, services, self._peer_of(request))
+        return stream.start(since)
 
     async def _block(self, request: IRequest, service: str | None) -> None:
         """Hold a blocking query (``?index=N&wait=30s``) until a change or its time is up."""

@@ -134,6 +134,10 @@ class ChangeFeed:
         """How many waiters are held."""
         return sum(len(w) for w in self._waiters.values())
 
+    def listening(self) -> int:
+        """How many listeners follow the feed."""
+        return len({token for following in self._listeners.values() for token in following})
+
     def listen(self, listener: Listener, services: Iterable[str] | None = None) -> Callable[[], None]:
         """Call ``listener`` with every later change (of ``services`` only, if given).
 

@@ -15,6 +15,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from .errors import ApiError, Conflict, InstanceExists, InstanceNotFound, TokenExpired, Unauthorized
+from .feed import ChangeFeed
 from .model import Credentials, Instance, Peer, Registration
 from .store import IStore
 from .tokens import hash_token, new_token, token_matches
@@ -53,6 +54,16 @@ class Registry:
         self._store = store
         self._clock = clock
         self._token_ttl = token_ttl
+
+    @property
+    def feed(self) -> ChangeFeed:
+        """The change feed of the store."""
+        return self._store.feed
+
+    @property
+    def clock(self) -> IReactorTime:
+        """Where the registry takes its time from."""
+        return self._clock
 
     # The instance surface.
 

@@ -9,7 +9,6 @@ from hypothesis import settings
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
-from regdisc.api import RegistryAPI
 from regdisc.registry import Registry
 from regdisc.store import MemoryStore
 from regdisc.validation import TTLBounds

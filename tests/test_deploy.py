@@ -10,7 +10,6 @@ import subprocess
 from collections import Counter
 from pathlib import Path
 
-import pytest
 
 from regdisc.config import SETTINGS, load_config
 

@@ -19,7 +19,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from regdisc import pki
 from regdisc.config import load_config
 from regdisc.logs import json_line, make_observer
-from regdisc.tap import Options, RootService, StartupError, make_service
+from regdisc.tap import Options, StartupError, make_service
 
 from .conftest import fired
 
