@@ -1,0 +1,1004 @@
+"""A benchmark of blocking queries against a real daemon: held queries, fan-out, isolation.
+
+Run from the checkout::
+
+    python -m bench.feed [--watchers 10000] [--fanout 1000] [--others 1000] [--quick]
+
+It makes a fresh PKI in a temporary folder, starts ``twistd -n --pidfile=
+regdisc`` as a subprocess on a free loopback port, and drives it from this
+process over mutual TLS, with a small HTTP/1.1 client of its own on Twisted's
+TLS so that it can stamp each answer the moment it is decrypted. With two or
+more CPUs, the daemon runs on the first and this load generator on the second.
+
+Three phases, each bounded in time:
+
+1. *Held queries*: ``--watchers`` blocking queries (``wait=600s``, ``index`` the
+   service's current one, read by a plain GET on the same connection first)
+   spread over ``watchers / 10`` services. Once all are held: the daemon's RSS
+   before and after, per held query, and its CPU over an idle window.
+2. *Fan-out*: ``--fanout`` watchers of the service ``fan``; one registration in
+   ``fan`` through another connection; for each watcher, the time from just
+   before the registration was written to its answer (median, p90, p99, max).
+3. *Isolation*: ``--others`` watchers, one per other service, held while 100
+   changes are made to ``fan``; how many of them were answered (must be 0).
+
+Output: the machine, a table, then one JSON line per figure::
+
+    {"bench": "feed", "figure": "fanout_latency_p99", "value": 41.2, "unit": "ms"}
+
+No timing is asserted. The exit status is 1 when a watcher of another service
+was answered (a correctness property), 2 when the benchmark could not do what
+it was asked (the daemon did not start, connections failed, a phase ran out of
+time), else 0. The daemon is stopped and every connection closed at the end,
+whatever happened.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Sequence
+
+import attrs
+from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
+from twisted.internet.defer import TimeoutError as DeferredTimeout
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import deferLater
+from twisted.python.failure import Failure
+
+from regdisc import pki
+from regdisc.client.tls import ClientTLS
+
+ROOT = Path(__file__).resolve().parent.parent
+
+WAIT = 600
+"""The ``wait`` of every held query, in seconds: the longest the daemon grants."""
+
+CHANGES = 100
+"""How many changes are made to ``fan`` while the other services' watchers hold."""
+
+CONCURRENCY = 200
+"""Connections being set up at once: more and handshakes queue past their timeouts."""
+
+STEP_TIMEOUT = 30.0
+"""Seconds one connection may take to connect, shake hands and answer a first GET."""
+
+_PER_SERVICE = 10
+"""Held queries per service in the first phase."""
+
+
+class BenchError(Exception):
+    """The benchmark cannot go on; the message says what stood in the way."""
+
+
+# Figures.
+
+FIGURES: dict[str, tuple[str, str]] = {
+    # Phase 1: held queries.
+    "held_queries": ("queries", "blocking queries held at once, one connection each"),
+    "held_services": ("services", "services they watch"),
+    "held_setup_time": ("s", "to connect, shake hands and hold them all, {concurrency} at a time"),
+    "held_setup_rate": ("conn/s", "mutual-TLS connections set up per second"),
+    "held_setup_failures": ("connections", "setups that failed"),
+    "server_open_files_held": ("fds", "the daemon's open file descriptors while held"),
+    "server_rss_before": ("MiB", "daemon RSS before the held queries"),
+    "server_rss_held": ("MiB", "daemon RSS with all held"),
+    "server_rss_per_held_query": (
+        "KiB", "RSS growth per held query (connection, TLS, request, waiter)"
+    ),
+    "server_idle_cpu_held": (
+        "% CPU", "daemon CPU over {window:g} s, all held, nothing changing (resolution {step:g}%)"
+    ),
+    "load_rss_held": ("MiB", "load generator RSS with all held"),
+    "server_rss_after_close": (
+        "MiB", "daemon RSS once they are closed (kept by the allocator for reuse)"
+    ),
+    # Phase 2: fan-out.
+    "fanout_watchers": ("watchers", "held on the one service fan"),
+    "fanout_answered": ("watchers", "answered after the registration"),
+    "fanout_latency_min": ("ms", "min from writing the registration to a watcher's answer"),
+    "fanout_latency_p50": ("ms", "median of the same"),
+    "fanout_latency_p90": ("ms", "90th percentile of the same"),
+    "fanout_latency_p99": ("ms", "99th percentile of the same (aim: under 100)"),
+    "fanout_latency_max": ("ms", "max of the same"),
+    "fanout_server_cpu": (
+        "ms", "daemon CPU from the registration to the last answer (resolution {step:g} ms)"
+    ),
+    # Phase 3: isolation.
+    "isolation_watchers": ("watchers", "held on other services, one each"),
+    "isolation_changes": ("changes", "registrations and updates made to fan meanwhile"),
+    "cross_service_wakeups": ("answers", "watchers of other services answered (must be 0)"),
+}
+"""Every figure, by name: its unit and what it means (a format string of the run's sizes)."""
+
+
+@attrs.frozen
+class Figure:
+    """One measured value, its unit and what it means."""
+
+    name: str
+    value: float | int
+    unit: str
+    meaning: str
+
+    def to_json(self) -> dict[str, object]:
+        return {"bench": "feed", "figure": self.name, "value": self.value, "unit": self.unit}
+
+
+@attrs.define
+class Report:
+    """The figures measured so far, the problems met, and the machine they were met on."""
+
+    machine: dict[str, object]
+    figures: list[Figure] = attrs.Factory(list)
+    problems: list[str] = attrs.Factory(list)
+
+    def add(self, name: str, value: float | int, **context: object) -> None:
+        """Record the figure ``name`` of `FIGURES`; ``context`` fills in its meaning."""
+        unit, meaning = FIGURES[name]
+        if isinstance(value, float):
+            value = round(value, 3)
+        self.figures.append(Figure(name, value, unit, meaning.format(**context)))
+
+    def value(self, name: str) -> float | int | None:
+        for figure in self.figures:
+            if figure.name == name:
+                return figure.value
+        return None
+
+    def render(self) -> str:
+        """The machine, a table of the figures, the problems, then the JSON lines."""
+        m = self.machine
+        lines = [
+            f"regdisc feed benchmark on {m['cpu_model']} ({m['nproc']} CPUs), "
+            f"Python {m['python']}, Twisted {m['twisted']}, {m['openssl']}",
+            f"daemon pinned to CPU {m['server_cpu']}, load generator to CPU {m['load_cpu']}; "
+            f"open files limit {m['nofile']}",
+            "",
+        ]
+        width = max([len(f.name) for f in self.figures] + [6])
+        values = [_shown(f.value) for f in self.figures]
+        vwidth = max([len(v) for v in values] + [5])
+        uwidth = max([len(f.unit) for f in self.figures] + [4])
+        lines.append(f"{'figure':<{width}}  {'value':>{vwidth}}  {'unit':<{uwidth}}  meaning")
+        lines.append(f"{'-' * width}  {'-' * vwidth}  {'-' * uwidth}  {'-' * 7}")
+        for figure, value in zip(self.figures, values):
+            unit = f"{figure.unit:<{uwidth}}"
+            lines.append(f"{figure.name:<{width}}  {value:>{vwidth}}  {unit}  {figure.meaning}")
+        for problem in self.problems:
+            lines.append(f"PROBLEM: {problem}")
+        lines.append("")
+        lines.append(json.dumps({"bench": "feed", "machine": self.machine}))
+        lines.extend(json.dumps(f.to_json()) for f in self.figures)
+        return "\n".join(lines)
+
+
+def _shown(value: float | int) -> str:
+    return f"{value:,}" if isinstance(value, int) else f"{value:,.3f}"
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    """The nearest-rank percentile: the smallest value with ``fraction`` of them at or below it."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
+
+
+def machine(server_cpu: object, load_cpu: object, nofile: int) -> dict[str, object]:
+    """What the figures were measured on."""
+    import OpenSSL.SSL
+    import twisted
+
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.partition(":")[2].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": model,
+        "python": platform.python_version(),
+        "twisted": twisted.__version__,
+        "openssl": OpenSSL.SSL.SSLeay_version(OpenSSL.SSL.SSLEAY_VERSION).decode(),
+        "kernel": platform.release(),
+        "server_cpu": server_cpu,
+        "load_cpu": load_cpu,
+        "nofile": nofile,
+    }
+
+
+# Process limits and placement.
+
+
+def raise_nofile() -> int:
+    """Raise this process's open-files limit to its hard limit; return the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    for wanted in (target, 65536):
+        if wanted <= soft:
+            break
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            return wanted
+        except (ValueError, OSError):
+            continue
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def cpu_placement() -> tuple[set[int] | None, set[int] | None]:
+    """The CPUs for the daemon and for this process: the first two we may use, if two."""
+    try:
+        allowed = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return None, None
+    if len(allowed) < 2:
+        return None, None
+    return {allowed[0]}, {allowed[1]}
+
+
+# The daemon.
+
+
+@attrs.frozen
+class Material:
+    """The PKI files of one run: the CA, the daemon's identity and the client's."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+def make_material(directory: Path) -> Material:
+    """A fresh CA, a server certificate for localhost and a client certificate."""
+    ca_cert, ca_key = pki.make_ca("regdisc bench CA")
+    server_cert, server_key = pki.issue_certificate(
+        ca_cert, ca_key, "localhost", hosts=["localhost", "127.0.0.1", "::1"], client=False
+    )
+    client_cert, client_key = pki.issue_certificate(ca_cert, ca_key, "bench-client", server=False)
+    material = Material(
+        ca=directory / "ca.pem",
+        server_cert=directory / "server.pem",
+        server_key=directory / "server-key.pem",
+        client_cert=directory / "client.pem",
+        client_key=directory / "client-key.pem",
+    )
+    pki.write_cert(material.ca, ca_cert)
+    pki.write_cert(material.server_cert, server_cert)
+    pki.write_key(material.server_key, server_key)
+    pki.write_cert(material.client_cert, client_cert)
+    pki.write_key(material.client_key, client_key)
+    return material
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _twistd() -> str:
+    beside = Path(sys.executable).parent / "twistd"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("twistd")
+    if found is None:
+        raise BenchError("twistd is not installed beside this Python nor on PATH")
+    return found
+
+
+class Daemon:
+    """``twistd -n --pidfile= regdisc`` in a subprocess, and what /proc says of it."""
+
+    def __init__(self, process: subprocess.Popen[bytes], port: int, log: Path) -> None:
+        self.process = process
+        self.port = port
+        self.log = log
+        self.ticks = os.sysconf("SC_CLK_TCK")
+        """Clock ticks per second, the unit of /proc CPU times."""
+
+    @classmethod
+    def start(cls, directory: Path, material: Material, cpus: set[int] | None) -> Daemon:
+        port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("REGDISC_")}
+        env.update(
+            HOME=str(directory),
+            PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
+            REGDISC_PORT=str(port),
+            REGDISC_TLS_CERT=str(material.server_cert),
+            REGDISC_TLS_KEY=str(material.server_key),
+            REGDISC_TLS_CA=str(material.ca),
+            REGDISC_LOG_LEVEL="warn",
+            REGDISC_LOG_FORMAT="json",
+        )
+
+        def prepare() -> None:  # runs in the child, before exec
+            raise_nofile()
+            if cpus is not None:
+                os.sched_setaffinity(0, cpus)
+
+        log = directory / "daemon.log"
+        with log.open("wb") as output:
+            process = subprocess.Popen(
+                [_twistd(), "-n", "--pidfile=", "regdisc"],
+                cwd=directory, env=env, stdin=subprocess.DEVNULL, stdout=output,
+                stderr=subprocess.STDOUT, preexec_fn=prepare, start_new_session=True,
+            )
+        return cls(process, port, log)
+
+    def exited(self) -> int | None:
+        return self.process.poll()
+
+    def _proc(self, name: str) -> str:
+        """The daemon's /proc/PID/``name``; `BenchError` once the daemon has exited."""
+        code = self.process.poll()
+        if code is None:
+            try:
+                return Path(f"/proc/{self.process.pid}/{name}").read_text()
+            except OSError:
+                code = self.process.poll()
+        raise BenchError(f"the daemon exited (status {code}):\n{self.log_tail()}")
+
+    def rss_bytes(self) -> int:
+        for line in self._proc("status").splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise BenchError(f"the daemon exited (no VmRSS in its /proc status):\n{self.log_tail()}")
+
+    def cpu_seconds(self) -> float:
+        """User plus system CPU time so far (utime + stime of /proc/PID/stat)."""
+        stat = self._proc("stat")
+        fields = stat[stat.rindex(")") + 2:].split()
+        return (int(fields[11]) + int(fields[12])) / self.ticks
+
+    def open_files(self) -> int:
+        try:
+            return len(os.listdir(f"/proc/{self.process.pid}/fd"))
+        except OSError:
+            raise BenchError(f"the daemon exited:\n{self.log_tail()}") from None
+
+    def nofile_limit(self) -> int:
+        for line in self._proc("limits").splitlines():
+            if line.startswith("Max open files"):
+                return int(line.split()[3])
+        return -1
+
+    def log_lines(self) -> list[str]:
+        try:
+            return self.log.read_text(errors="replace").splitlines()
+        except OSError:
+            return []
+
+    def log_tail(self, count: int = 20) -> str:
+        return "\n".join(self.log_lines()[-count:])
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL if it has not exited within 20 seconds."""
+        if self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
+
+
+def load_rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+# HTTP/1.1 over TLS, one request at a time per connection.
+
+
+@attrs.frozen
+class Answer:
+    """A response: status, headers (lower-case names), body, and when it was complete."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    arrived: float  # time.perf_counter()
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def parse_response(
+    buffer: bytes | bytearray,
+) -> tuple[int, dict[str, str], bytes, int] | None:
+    """The first whole response in ``buffer`` (status, headers, body, bytes used), or None."""
+    end = buffer.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    head = bytes(buffer[:end]).decode("latin-1").split("\r\n")
+    status = int(head[0].split(" ", 2)[1])
+    headers = {}
+    for line in head[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    position = end + 4
+    if status in (204, 304) or 100 <= status < 200:
+        return status, headers, b"", position
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        body = bytearray()
+        while True:
+            line_end = buffer.find(b"\r\n", position)
+            if line_end < 0:
+                return None
+            size = int(bytes(buffer[position:line_end]).split(b";")[0], 16)
+            position = line_end + 2
+            if size == 0:
+                trailers_end = buffer.find(b"\r\n", position)
+                while trailers_end > position:  # skip trailer lines until the empty one
+                    position = trailers_end + 2
+                    trailers_end = buffer.find(b"\r\n", position)
+                if trailers_end < 0:
+                    return None
+                return status, headers, bytes(body), trailers_end + 2
+            if len(buffer) < position + size + 2:
+                return None
+            body += buffer[position:position + size]
+            position += size + 2
+    length = int(headers.get("content-length", "0"))
+    if len(buffer) < position + length:
+        return None
+    return status, headers, bytes(buffer[position:position + length]), position + length
+
+
+class HTTPConnection(Protocol):
+    """A keep-alive HTTP/1.1 connection that stamps each answer as its last byte is decrypted."""
+
+    def __init__(self, live: set[HTTPConnection]) -> None:
+        self._live = live
+        self._buffer = bytearray()
+        self._pending: Deferred[Answer] | None = None
+        self.closed = False
+
+    def connectionMade(self) -> None:
+        self._live.add(self)
+
+    def request(
+        self, method: str, target: str, body: object = None, token: str | None = None
+    ) -> Deferred[Answer]:
+        """Send a request; fires with its `Answer`, or fails if the connection is lost first."""
+        if self._pending is not None:
+            raise BenchError("one request at a time on a connection")
+        if self.closed:
+            raise BenchError("the connection is closed")
+        lines = [f"{method} {target} HTTP/1.1", "Host: localhost"]
+        data = b""
+        if body is not None:
+            data = json.dumps(body).encode()
+            lines += ["Content-Type: application/json", f"Content-Length: {len(data)}"]
+        if token is not None:
+            lines.append(f"Authorization: Bearer {token}")
+        pending: Deferred[Answer] = Deferred(self._given_up)
+        self._pending = pending
+        self.transport.write(("\r\n".join(lines) + "\r\n\r\n").encode() + data)
+        return pending
+
+    def _given_up(self, pending: Deferred[Answer]) -> None:
+        # A request given up on (timed out) leaves the connection out of step: drop it.
+        if self._pending is pending:
+            self._pending = None
+            self.abort()
+
+    def dataReceived(self, data: bytes) -> None:
+        arrived = time.perf_counter()
+        self._buffer += data
+        while self._buffer:
+            parsed = parse_response(self._buffer)
+            if parsed is None:
+                return
+            status, headers, body, used = parsed
+            del self._buffer[:used]
+            pending, self._pending = self._pending, None
+            if pending is None:  # an answer nobody asked for
+                self.abort()
+                return
+            pending.callback(Answer(status, headers, body, arrived))
+
+    def abort(self) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.abortConnection()
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        self.closed = True
+        self._live.discard(self)
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.errback(reason)
+
+
+class Connector:
+    """Opens mutual-TLS connections to the daemon, and keeps the live ones to close at the end."""
+
+    def __init__(self, reactor: Any, port: int, material: Material) -> None:
+        tls = ClientTLS.from_files(material.client_cert, material.client_key, material.ca)
+        # One creator for all: the SSL context, with our key and the CA, is made once.
+        creator = tls.policy().creatorForNetloc(b"localhost", port)
+        tcp = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=int(STEP_TIMEOUT))
+        self._endpoint = wrapClientTLS(creator, tcp)
+        self._reactor = reactor
+        self.live: set[HTTPConnection] = set()
+
+    def open(self) -> Deferred[HTTPConnection]:
+        d: Deferred[HTTPConnection] = connectProtocol(self._endpoint, HTTPConnection(self.live))
+        return d
+
+    async def ask(
+        self, connection: HTTPConnection, method: str, target: str, body: object = None,
+        token: str | None = None, timeout: float = STEP_TIMEOUT,
+    ) -> Answer:
+        """One request and its answer, within ``timeout`` seconds."""
+        answer = connection.request(method, target, body, token)
+        return await answer.addTimeout(timeout, self._reactor)
+
+    def close_all(self) -> None:
+        for connection in list(self.live):
+            connection.abort()
+
+
+def instances_path(service: str) -> str:
+    return f"/registry/services/{service}/instances"
+
+
+# Watchers.
+
+
+@attrs.define(eq=False)
+class Watcher:
+    """One held blocking query on its own connection, and what became of it."""
+
+    service: str
+    connection: HTTPConnection
+    index: int
+    answered_at: float | None = None
+    status: int | None = None
+    lost: bool = False
+    done: Deferred[None] = attrs.Factory(Deferred)
+
+    def hold(self, wait: int) -> None:
+        target = f"{instances_path(self.service)}?index={self.index}&wait={wait}s"
+        self.connection.request("GET", target).addCallbacks(self._answered, self._lost)
+
+    def _answered(self, answer: Answer) -> None:
+        self.answered_at, self.status = answer.arrived, answer.status
+        self.done.callback(None)
+
+    def _lost(self, failure: Failure) -> None:
+        self.lost = True
+        self.done.callback(None)
+
+
+async def open_watchers(
+    reactor: Any, connector: Connector, services: Sequence[str], concurrency: int
+) -> tuple[list[Watcher], Counter[str]]:
+    """Hold one blocking query per entry of ``services``, ``concurrency`` setups at a time.
+
+    A setup is done once the first, plain GET on the new connection is answered
+    (the handshake is complete and the daemon serves it); its index is then used
+    for the blocking query. Returns the watchers and the failures by kind.
+    """
+    semaphore = DeferredSemaphore(concurrency)
+
+    async def open_one(service: str) -> Watcher:
+        connection = await connector.open().addTimeout(STEP_TIMEOUT, reactor)
+        try:
+            first = await connector.ask(connection, "GET", instances_path(service))
+            if first.status != 200:
+                raise BenchError(f"GET {service} answered {first.status}")
+            index = int(first.headers["x-regdisc-index"])
+        except BaseException:
+            connection.abort()
+            raise
+        watcher = Watcher(service, connection, index)
+        watcher.hold(WAIT)
+        return watcher
+
+    def start(service: str) -> Deferred[Watcher]:
+        return Deferred.fromCoroutine(open_one(service))
+
+    results = await DeferredList(
+        [semaphore.run(start, service) for service in services], consumeErrors=True
+    )
+    watchers = [value for ok, value in results if ok]
+    failures = Counter(_kind(value) for ok, value in results if not ok)
+    return watchers, failures
+
+
+def _kind(failure: Failure) -> str:
+    text = str(failure.value).splitlines()[0][:120] if str(failure.value) else ""
+    return f"{failure.type.__name__}: {text}" if text else failure.type.__name__
+
+
+def close(watchers: Sequence[Watcher]) -> None:
+    for watcher in watchers:
+        watcher.connection.abort()
+
+
+def sleep(reactor: Any, seconds: float) -> Deferred[None]:
+    return deferLater(reactor, seconds, lambda: None)
+
+
+async def settle(
+    reactor: Any, daemon: Daemon, window: float = 0.5, busy: float = 0.05, limit: float = 30.0
+) -> bool:
+    """Wait until the daemon uses under ``busy`` of a CPU over ``window`` seconds.
+
+    Returns False if it has not gone quiet within ``limit`` seconds.
+    """
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        before = daemon.cpu_seconds()
+        await sleep(reactor, window)
+        if (daemon.cpu_seconds() - before) / window <= busy:
+            return True
+    return False
+
+
+async def serving(
+    reactor: Any, connector: Connector, daemon: Daemon, limit: float = 60.0
+) -> None:
+    """Return once the daemon answers GET /registry/services; fail if it exits or is too slow."""
+    deadline = time.monotonic() + limit
+    last = "nothing tried"
+    while time.monotonic() < deadline:
+        code = daemon.exited()
+        if code is not None:
+            raise BenchError(f"the daemon exited with status {code}:\n{daemon.log_tail()}")
+        try:
+            connection = await connector.open().addTimeout(5, reactor)
+            try:
+                answer = await connector.ask(connection, "GET", "/registry/services", timeout=5)
+            finally:
+                connection.abort()
+            if answer.status == 200:
+                return
+            last = f"HTTP {answer.status}"
+        except Exception as e:
+            last = _kind(Failure(e))
+        await sleep(reactor, 0.1)
+    raise BenchError(
+        f"the daemon did not serve within {limit:.0f} s ({last}):\n{daemon.log_tail()}"
+    )
+
+
+# The phases.
+
+
+@attrs.frozen
+class Sizes:
+    """How big each phase is, and how long the whole may take."""
+
+    watchers: int
+    fanout: int
+    others: int
+    idle_window: float
+    timeout: float
+    concurrency: int
+
+
+def _note_failures(report: Report, what: str, failures: Counter[str]) -> None:
+    if failures:
+        kinds = "; ".join(f"{count} x {kind}" for kind, count in failures.most_common(5))
+        report.problems.append(f"{what}: {sum(failures.values())} connections failed ({kinds})")
+
+
+async def held_queries(
+    reactor: Any, connector: Connector, daemon: Daemon, sizes: Sizes, report: Report
+) -> None:
+    """Phase 1: many held queries; the daemon's memory and idle CPU while they are held."""
+    services = max(1, sizes.watchers // _PER_SERVICE)
+    names = [f"held-{i % services}" for i in range(sizes.watchers)]
+    rss_before = daemon.rss_bytes()
+    started = time.perf_counter()
+    watchers, failures = await open_watchers(reactor, connector, names, sizes.concurrency)
+    setup = time.perf_counter() - started
+    try:
+        _note_failures(report, "held queries", failures)
+        if not await settle(reactor, daemon):
+            report.problems.append("held queries: the daemon did not go quiet within 30 s")
+        answered = sum(w.answered_at is not None for w in watchers)
+        lost = sum(w.lost for w in watchers)
+        held = len(watchers) - answered - lost
+        if answered or lost:
+            report.problems.append(
+                f"held queries: {answered} answered and {lost} lost before any change"
+            )
+        rss_held = daemon.rss_bytes()
+        before = daemon.cpu_seconds()
+        await sleep(reactor, sizes.idle_window)
+        idle = (daemon.cpu_seconds() - before) / sizes.idle_window
+        report.add("held_queries", held)
+        report.add("held_services", services)
+        report.add("held_setup_time", setup, concurrency=sizes.concurrency)
+        report.add("held_setup_rate", len(watchers) / max(setup, 1e-9))
+        report.add("held_setup_failures", sum(failures.values()))
+        report.add("server_open_files_held", daemon.open_files())
+        report.add("server_rss_before", rss_before / 2**20)
+        report.add("server_rss_held", rss_held / 2**20)
+        report.add("server_rss_per_held_query", (rss_held - rss_before) / max(1, held) / 1024)
+        step = 100 / (daemon.ticks * sizes.idle_window)
+        report.add("server_idle_cpu_held", 100 * idle, window=sizes.idle_window, step=step)
+        report.add("load_rss_held", load_rss_bytes() / 2**20)
+    finally:
+        close(watchers)
+    await settle(reactor, daemon)
+    report.add("server_rss_after_close", daemon.rss_bytes() / 2**20)
+
+
+async def fan_out(
+    reactor: Any, connector: Connector, daemon: Daemon, registrar: HTTPConnection,
+    sizes: Sizes, report: Report,
+) -> str:
+    """Phase 2: watchers of ``fan`` woken by one registration; returns the instance's token."""
+    names = ["fan"] * sizes.fanout
+    watchers, failures = await open_watchers(reactor, connector, names, sizes.concurrency)
+    try:
+        _note_failures(report, "fan-out", failures)
+        await settle(reactor, daemon)
+        early = [w for w in watchers if w.answered_at is not None or w.lost]
+        if early:
+            report.problems.append(
+                f"fan-out: {len(early)} watchers answered or lost before the change"
+            )
+        waiting = [w for w in watchers if w not in early]
+        body = {"id": "fan-0", "host": "10.0.0.1", "port": 8080, "ttl": WAIT}
+        # A full collection in this process takes a few hundred milliseconds
+        # after the first phase; one during the timing would be counted as the
+        # daemon's latency. So collect now and not again until all are answered.
+        gc.collect()
+        gc.disable()
+        try:
+            cpu_before = daemon.cpu_seconds()
+            sent = time.perf_counter()
+            registered = await connector.ask(registrar, "POST", instances_path("fan"), body)
+            if registered.status != 201:
+                raise BenchError(
+                    f"registering in fan answered {registered.status}: {registered.body[:200]!r}"
+                )
+            try:
+                await DeferredList([w.done for w in waiting]).addTimeout(STEP_TIMEOUT, reactor)
+            except DeferredTimeout:
+                report.problems.append(
+                    f"fan-out: not every watcher was answered within {STEP_TIMEOUT:g} s"
+                )
+            server_cpu = daemon.cpu_seconds() - cpu_before
+        finally:
+            gc.enable()
+        latencies = [1000 * (w.answered_at - sent) for w in waiting if w.answered_at is not None]
+        wrong = sum(w.status != 200 for w in waiting if w.answered_at is not None)
+        if wrong or len(latencies) < len(waiting):
+            report.problems.append(
+                f"fan-out: {len(waiting) - len(latencies)} watchers not answered, "
+                f"{wrong} answered other than 200"
+            )
+        if not latencies:
+            raise BenchError("no watcher was answered")
+        report.add("fanout_watchers", len(waiting))
+        report.add("fanout_answered", len(latencies))
+        report.add("fanout_latency_min", min(latencies))
+        report.add("fanout_latency_p50", percentile(latencies, 0.50))
+        report.add("fanout_latency_p90", percentile(latencies, 0.90))
+        report.add("fanout_latency_p99", percentile(latencies, 0.99))
+        report.add("fanout_latency_max", max(latencies))
+        report.add("fanout_server_cpu", 1000 * server_cpu, step=1000 / daemon.ticks)
+        return str(registered.json()["data"]["token"])
+    finally:
+        close(watchers)
+        await settle(reactor, daemon)
+
+
+async def isolation(
+    reactor: Any, connector: Connector, daemon: Daemon, registrar: HTTPConnection,
+    token: str, sizes: Sizes, report: Report,
+) -> None:
+    """Phase 3: changes to ``fan`` answer none of the watchers of other services."""
+    names = [f"other-{i}" for i in range(sizes.others)]
+    watchers, failures = await open_watchers(reactor, connector, names, sizes.concurrency)
+    try:
+        _note_failures(report, "isolation", failures)
+        await settle(reactor, daemon)
+        early = sum(w.answered_at is not None or w.lost for w in watchers)
+        if early:
+            report.problems.append(
+                f"isolation: {early} watchers answered or lost before the changes"
+            )
+        made = 0
+        for i in range(1, CHANGES + 1):
+            if i % 2:  # a registration of a new instance
+                body = {"id": f"fan-{i}", "host": "10.0.0.2", "port": 8000 + i, "ttl": WAIT}
+                answer = await connector.ask(registrar, "POST", instances_path("fan"), body)
+            else:  # an update of the first one
+                target = instances_path("fan") + "/fan-0"
+                answer = await connector.ask(registrar, "PUT", target, {"port": 9000 + i}, token)
+            made += answer.status in (200, 201)
+        await sleep(reactor, 1.0)  # time for a wrongly woken watcher's answer to arrive
+        await settle(reactor, daemon)
+        answered = sum(w.answered_at is not None for w in watchers)
+        lost = sum(w.lost for w in watchers)
+        if made != CHANGES:
+            report.problems.append(f"isolation: only {made} of {CHANGES} changes to fan succeeded")
+        if lost:
+            report.problems.append(
+                f"isolation: {lost} watchers of other services lost their connection"
+            )
+        report.add("isolation_watchers", len(watchers))
+        report.add("isolation_changes", made)
+        report.add("cross_service_wakeups", answered)
+    finally:
+        close(watchers)
+
+
+async def run(
+    reactor: Any, daemon: Daemon, material: Material, sizes: Sizes, report: Report,
+    phase: list[str],
+) -> None:
+    """The three phases in turn, naming the current one in ``phase[0]``."""
+    connector = Connector(reactor, daemon.port, material)
+    try:
+        phase[0] = "starting the daemon"
+        await serving(reactor, connector, daemon)
+        report.machine["server_nofile"] = daemon.nofile_limit()
+        phase[0] = "held queries"
+        await held_queries(reactor, connector, daemon, sizes, report)
+        phase[0] = "fan-out"
+        registrar = await connector.open().addTimeout(STEP_TIMEOUT, reactor)
+        # The handshake is done before the timing starts.
+        await connector.ask(registrar, "GET", "/registry/services")
+        token = await fan_out(reactor, connector, daemon, registrar, sizes, report)
+        phase[0] = "isolation"
+        await isolation(reactor, connector, daemon, registrar, token, sizes, report)
+        phase[0] = "done"
+    finally:
+        connector.close_all()
+        errors = [
+            line for line in daemon.log_lines()
+            if '"level":"error"' in line or '"level":"critical"' in line
+        ]
+        if errors:
+            report.problems.append(
+                f"the daemon logged {len(errors)} errors; the first: {errors[0][:300]}"
+            )
+
+
+def drive(daemon: Daemon, material: Material, sizes: Sizes, report: Report) -> None:
+    """Run the phases on the reactor, within ``sizes.timeout`` seconds in all."""
+    from twisted.internet import reactor
+
+    phase = ["starting"]
+    outcome: list[Failure | None] = []
+    expired: list[bool] = []
+
+    def finished(result: object) -> None:
+        outcome.append(result if isinstance(result, Failure) else None)
+        if reactor.running:
+            reactor.stop()
+
+    def go() -> None:
+        d = Deferred.fromCoroutine(run(reactor, daemon, material, sizes, report, phase))
+
+        def expire() -> None:
+            expired.append(True)
+            d.cancel()  # unwinds the phases through their finally blocks
+
+        timer = reactor.callLater(sizes.timeout, expire)
+        d.addBoth(lambda result: (timer.active() and timer.cancel(), result)[1])
+        d.addBoth(finished)
+
+    def hard_stop() -> None:  # should the cancellation not unwind in time
+        if not outcome:
+            outcome.append(Failure(BenchError("the phases did not unwind after the timeout")))
+            reactor.stop()
+
+    reactor.callWhenRunning(go)
+    reactor.callLater(sizes.timeout + 20, hard_stop)
+    reactor.run()
+    if not outcome:
+        raise BenchError(f"interrupted during {phase[0]}")
+    failure = outcome[0]
+    if expired:
+        raise BenchError(f"ran out of time ({sizes.timeout:g} s in all) during {phase[0]}")
+    if failure is not None:
+        if failure.check(BenchError):
+            raise BenchError(f"{phase[0]}: {failure.value}")
+        raise BenchError(f"{phase[0]}: {failure.getTraceback()}")
+
+
+def options(argv: Sequence[str]) -> Sizes:
+    """The sizes asked for on the command line."""
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.feed", description=(__doc__ or "").split("\n\n")[0]
+    )
+    add = parser.add_argument
+    add("--watchers", type=int, default=10_000, help="held queries in phase 1 (10000)")
+    add("--fanout", type=int, default=1_000, help="watchers of fan in phase 2 (1000)")
+    add("--others", type=int, default=1_000, help="watchers of other services in phase 3 (1000)")
+    add("--quick", action="store_true", help="tiny sizes (50, 20, 20): a few seconds")
+    add("--concurrency", type=int, default=CONCURRENCY, help="connection setups at once (200)")
+    add("--timeout", type=float, default=None, help="seconds for everything (300; quick: 90)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.watchers, args.fanout, args.others = 50, 20, 20
+    for name in ("watchers", "fanout", "others", "concurrency"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
+    return Sizes(
+        watchers=args.watchers,
+        fanout=args.fanout,
+        others=args.others,
+        idle_window=1.0 if args.quick else 5.0,
+        timeout=args.timeout or (90.0 if args.quick else 300.0),
+        concurrency=args.concurrency,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark, print the report; return the exit status."""
+    sizes = options(sys.argv[1:] if argv is None else argv)
+    nofile = raise_nofile()
+    server_cpus, load_cpus = cpu_placement()
+    if load_cpus is not None:
+        os.sched_setaffinity(0, load_cpus)
+    report = Report(machine(
+        min(server_cpus) if server_cpus else "any", min(load_cpus) if load_cpus else "any", nofile
+    ))
+    needed = max(sizes.watchers, sizes.fanout + 1, sizes.others + 1) + 64
+    try:
+        if needed > nofile:
+            hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+            raise BenchError(
+                f"about {needed} file descriptors are needed in each process, and the limit "
+                f"is {nofile} (hard {hard}): lower --watchers or raise the hard limit"
+            )
+        with tempfile.TemporaryDirectory(prefix="regdisc-bench-") as directory:
+            material = make_material(Path(directory))
+            daemon = Daemon.start(Path(directory), material, server_cpus)
+            try:
+                drive(daemon, material, sizes, report)
+            finally:
+                daemon.stop()
+    except BenchError as e:
+        report.problems.append(str(e))
+    except Exception:
+        import traceback
+
+        report.problems.append(traceback.format_exc())
+    print(report.render(), flush=True)
+    return exit_status(report)
+
+
+def exit_status(report: Report) -> int:
+    """1 if a watcher of another service was answered; else 2 if anything went wrong; else 0."""
+    wakeups = report.value("cross_service_wakeups")
+    if wakeups is not None and wakeups != 0:
+        return 1
+    return 2 if report.problems else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
