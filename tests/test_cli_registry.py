@@ -27,6 +27,7 @@ class Result:
     status: int
 
     def json(self) -> Any:
+        assert self.status == 0, self
         return json.loads(self.out)
 
 
