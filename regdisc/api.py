@@ -7,8 +7,8 @@ Handlers parse and check what arrives, call the `Registry`, and answer
 
 from __future__ import annotations
 
-import hashlib
 import json
+import math
 import re
 from random import Random
 from typing import Any, Callable
@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from werkzeug import exceptions as http
 
+from .answers import AnswerCache, Rendered, render
 from .errors import (
     ApiError,
     InvalidJSON,
@@ -76,6 +77,7 @@ class RegistryAPI:
         self._bounds = bounds
         self._peer_of = peer_of
         self._random = random if random is not None else Random()
+        self._answers = AnswerCache()
 
     # The instance surface.
 
@@ -145,9 +147,16 @@ class RegistryAPI:
         status, tags, metadata = _filters(request)
         await self._block(request, service)
         revision = self._registry.revision(service)
-        found = await self._registry.instances(service, status, tags, metadata)
-        body = {"service": service, "instances": [i.to_json() for i in found]}
-        return _discovery(request, body, revision)
+        key = (service, status, tags, tuple(sorted(metadata.items())))
+        version = self._registry.version(service)
+        answer = self._answers.get(key, version, self._registry.clock.seconds())
+        if answer is None:
+            found = await self._registry.instances(service, status, tags, metadata)
+            body = {"service": service, "instances": [i.to_json() for i in found]}
+            ends = min((i.expires_at for i in found), default=math.inf)
+            answer = render(body, version, ends)
+            self._answers.put(key, answer)
+        return _answer(request, answer, revision)
 
     @app.route(_INSTANCE, methods=["GET"])
     async def instance(self, request: IRequest, service: str, instance_id: str) -> bytes:
@@ -215,17 +224,20 @@ def _data(request: IRequest, data: Any, status: int = 200) -> bytes:
 
 
 def _discovery(request: IRequest, data: Any, revision: int) -> bytes:
+    """A discovery answer made for this request alone."""
+    return _answer(request, render(data, 0, math.inf), revision)
+
+
+def _answer(request: IRequest, answer: Rendered, revision: int) -> bytes:
     """A discovery answer: with its index, a strong ETag, and 304 when the client has it."""
-    body = json.dumps({"data": data}, separators=(",", ":")).encode("utf-8")
-    etag = '"' + hashlib.blake2b(body, digest_size=12).hexdigest() + '"'
     request.setHeader("X-Regdisc-Index", str(revision))
-    request.setHeader("ETag", etag)
+    request.setHeader("ETag", answer.etag)
     request.setHeader("Content-Type", "application/json")
     matches = request.getHeader("If-None-Match")
-    if matches is not None and etag in (tag.strip() for tag in matches.split(",")):
+    if matches is not None and answer.etag in (tag.strip() for tag in matches.split(",")):
         request.setResponseCode(304)
         return b""
-    return body
+    return answer.body
 
 
 def _index(request: IRequest) -> int | None:

@@ -218,6 +218,10 @@ class Registry:
             return live
         return [i for i in live if i.matches(status, tags, metadata)]
 
+    def version(self, service: str) -> int:
+        """Changes whenever anything of ``service`` changes, renewals included."""
+        return self._store.version(service)
+
     async def instance(self, service: str, instance_id: str) -> Instance:
         """One live instance, or `InstanceNotFound`."""
         found = await self._live(service, instance_id, self._clock.seconds())

@@ -55,6 +55,10 @@ class IStore(Interface):
     def instances(service: str, now: float) -> Deferred:
         """The live `Instance`s of one service, sorted by id."""
 
+    def version(service: str) -> int:
+        """A number that changes whenever anything held for ``service`` changes,
+        renewals included; answered from memory, to tell when a cached answer is stale."""
+
 
 @implementer(IStore)
 class MemoryStore:
@@ -67,9 +71,13 @@ class MemoryStore:
         self.feed = feed if feed is not None else ChangeFeed()
         self._services: dict[str, dict[str, Registration]] = {}
         self._count = 0
+        self._versions: dict[str, int] = {}
         # (expires_at, service, id); renewals push a new entry and leave the old
         # one stale, to be skipped when popped or dropped by _compact.
         self._deadlines: list[tuple[float, str, str]] = []
+
+    def version(self, service: str) -> int:
+        return self._versions.get(service, 0)
 
     def __len__(self) -> int:
         """How many registrations are held, evicted or not yet."""
@@ -165,6 +173,7 @@ class MemoryStore:
         if previous is None:
             self._count += 1
         held[instance.id] = registration
+        self._versions[instance.service] = self._versions.get(instance.service, 0) + 1
         if previous is None or previous.instance.expires_at != instance.expires_at:
             heapq.heappush(self._deadlines, (instance.expires_at, instance.service, instance.id))
             self._compact()
@@ -172,6 +181,7 @@ class MemoryStore:
     def _remove(self, service: str, instance_id: str) -> None:
         held = self._services[service]
         del held[instance_id]
+        self._versions[service] = self._versions.get(service, 0) + 1
         self._count -= 1
         if not held:
             del self._services[service]

@@ -9,10 +9,14 @@ import secrets
 TOKEN_BYTES = 32
 """256 bits of randomness per token."""
 
+TOKEN_PREFIX = "rdt_"
+"""Marks regdisc tokens, for secret scanners and people; it also keeps a token
+from starting with ``-``, which command lines would take for an option."""
+
 
 def new_token() -> str:
-    """A fresh, URL-safe bearer token."""
-    return secrets.token_urlsafe(TOKEN_BYTES)
+    """A fresh, URL-safe bearer token: the prefix and 256 random bits."""
+    return TOKEN_PREFIX + secrets.token_urlsafe(TOKEN_BYTES)
 
 
 def hash_token(token: str) -> bytes:

@@ -13,7 +13,7 @@ from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 
 from regdisc.api import MAX_BODY, RegistryAPI
-from regdisc.model import Peer
+from regdisc.model import Instance, Peer
 from regdisc.registry import Registry
 from regdisc.store import MemoryStore
 
@@ -131,7 +131,8 @@ def test_register_answers_201_with_instance_and_token(client: Client) -> None:
         "last_heartbeat_at": "2027-01-15T08:00:00.000Z",
         "expires_at": "2027-01-15T08:00:10.000Z",
     }
-    assert len(data["token"]) >= 43  # 256 bits in URL-safe base64
+    assert data["token"].startswith("rdt_")
+    assert len(data["token"]) == 4 + 43  # the prefix, then 256 bits in URL-safe base64
     assert data["token_expires_at"] == "2027-01-15T09:00:00.000Z"
     assert answer.headers.getRawHeaders("cache-control") == ["no-store"]
 
@@ -658,3 +659,21 @@ def test_clock_start_is_the_documented_moment() -> None:
     from regdisc.model import rfc3339
 
     assert rfc3339(START) == "2027-01-15T08:00:00.000Z"
+
+
+def test_discovery_renders_once_per_change(client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Repeated reads of an unchanged service reuse one rendering; a heartbeat renders anew."""
+    token = client.register(id="web-1").data["token"]
+    rendered: list[str] = []
+    original = Instance.to_json
+
+    def counting(self: Instance) -> dict[str, Any]:
+        rendered.append(self.id)
+        return original(self)
+
+    monkeypatch.setattr(Instance, "to_json", counting)
+    first = [client.request("GET", "/services/web/instances").body for _ in range(5)]
+    assert rendered == ["web-1"] and all(body == first[0] for body in first)
+    client.request("PUT", instance_path("web", "web-1", "/heartbeat"), token=token)
+    client.request("GET", "/services/web/instances")
+    assert rendered == ["web-1", "web-1"]

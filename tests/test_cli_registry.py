@@ -244,3 +244,10 @@ async def test_keep_alive_until_interrupted(env: dict[str, str], daemon: Daemon,
         await observer.close()
         if not protocol.ended.called:
             process.signalProcess(signal.SIGKILL)
+
+
+def test_tokens_never_look_like_options() -> None:
+    """Tokens start with a fixed prefix, so a command line never takes one for an option."""
+    from regdisc.tokens import new_token
+
+    assert all(new_token().startswith("rdt_") for _ in range(1000))
