@@ -10,7 +10,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from regdisc.registry import Registry
-from regdisc.store import MemoryStore
+from regdisc.store import IStore, MemoryStore
 from regdisc.validation import TTLBounds
 
 settings.register_profile("regdisc", deadline=None, derandomize=True, max_examples=200)
@@ -41,11 +41,21 @@ def clock() -> Clock:
     return clock
 
 
-@pytest.fixture
-def store() -> MemoryStore:
-    return MemoryStore()
+@pytest.fixture(params=["memory"])
+def store(request: pytest.FixtureRequest) -> IStore:
+    """A fresh, empty store of each kind the API must work over; the kind names the test id.
+
+    A store whose operations really wait (on network I/O) fires its Deferreds from
+    the global reactor, so the tests over it must ``await``, never `fired`. Its time
+    stays the registry's `clock`: only its I/O goes through the reactor.
+    Modules that test one kind's internals pin it with
+    ``pytestmark = pytest.mark.parametrize("store", ["memory"], indirect=True)``.
+    """
+    if request.param == "memory":
+        return MemoryStore()
+    raise ValueError(f"no store of kind {request.param!r}")
 
 
 @pytest.fixture
-def registry(store: MemoryStore, clock: Clock) -> Registry:
+def registry(store: IStore, clock: Clock) -> Registry:
     return Registry(store, clock, TOKEN_TTL)

@@ -18,6 +18,12 @@ from .conftest import BOUNDS, fired
 
 BASE = "https://registry.test/registry"
 
+# These tests stay synchronous (`fired`) and over the in-memory store only: held
+# answers are delivered by moving the registry's Clock and calling StubTreq.flush()
+# at chosen moments, and the tests read what only the memory store promises: its
+# ChangeFeed's wakeups and waiters, its eviction, and indexes counted from 0.
+pytestmark = pytest.mark.parametrize("store", ["memory"], indirect=True)
+
 
 class Jitterless(Random):
     """A Random whose uniform() is its lower bound, so waits are exact."""

@@ -14,6 +14,12 @@ from regdisc.store import IStore, MemoryStore
 from .conftest import fired
 
 
+@pytest.fixture
+def store() -> MemoryStore:
+    """A memory store: these tests read its own workings (its heap, its revisions)."""
+    return MemoryStore()
+
+
 def registration(instance_id: str = "i", service: str = "web", now: float = 0.0, ttl: int = 10) -> Registration:
     instance = Instance(
         service=service,
