@@ -72,5 +72,11 @@ class UnsupportedMediaType(ApiError):
     status, code = 415, "unsupported_media_type"
 
 
+class BackendUnavailable(ApiError):
+    """The shared backend (etcd) cannot take writes now: no quorum, or out of reach."""
+
+    status, code = 503, "backend_unavailable"
+
+
 class Conflict(Exception):
     """A store refused a write because the record changed since it was read."""

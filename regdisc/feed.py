@@ -67,6 +67,10 @@ class ChangeFeed:
         self.revision += 1
         return self.revision
 
+    def observe(self, revision: int) -> None:
+        """Catch up with a revision made elsewhere (a shared backend's), never going back."""
+        self.revision = max(self.revision, revision)
+
     def service_revision(self, service: str | None) -> int:
         """The revision of the last change to ``service``, or to the service list for None."""
         if service is SERVICES:
@@ -79,6 +83,8 @@ class ChangeFeed:
         """Record a visible change at a new revision (or at ``revision``, already advanced)."""
         if revision is None:
             revision = self.advance()
+        else:
+            self.observe(revision)
         change = Change(revision, kind, instance)
         if len(self._history) == self._history.maxlen:
             self._dropped = self._history[0].revision

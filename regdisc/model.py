@@ -146,6 +146,17 @@ class Registration:
         return (self.instance.service, self.instance.id)
 
 
+def change_kind(old: Instance, new: Instance) -> str | None:
+    """What replacing ``old`` by ``new`` looks like to discovery: ``registered``
+    (a new registration of the id), ``updated``, or None (nothing it shows
+    changed, as in a token rotation; lease times do not count)."""
+    if new.registered_at != old.registered_at:
+        return "registered"
+    if attrs.evolve(new, last_heartbeat_at=old.last_heartbeat_at, expires_at=old.expires_at) != old:
+        return "updated"
+    return None
+
+
 @attrs.frozen
 class Peer:
     """The client at the other end of a connection, as its verified certificate shows it."""

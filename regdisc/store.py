@@ -12,7 +12,7 @@ from zope.interface import Attribute, Interface, implementer
 
 from .errors import Conflict, InstanceExists
 from .feed import ChangeFeed
-from .model import Instance, Registration
+from .model import Instance, Registration, change_kind
 
 
 class IStore(Interface):
@@ -105,7 +105,7 @@ class MemoryStore:
         if current.key != new.key or not self._holds(current):
             return fail(Conflict(current.key))
         stored = self._put(new)
-        kind = _change_kind(current.instance, stored.instance)
+        kind = change_kind(current.instance, stored.instance)
         if kind is not None:
             self.feed.record(kind, stored.instance, stored.revision)
         return succeed(stored)
@@ -203,11 +203,3 @@ def _heap_of(services: Iterable[dict[str, Registration]]) -> list[tuple[float, s
     heapq.heapify(heap)
     return heap
 
-
-def _change_kind(old: Instance, new: Instance) -> str | None:
-    """What a replacement looks like from discovery: a new registration, an update, or nothing."""
-    if new.registered_at != old.registered_at:
-        return "registered"
-    if attrs.evolve(new, last_heartbeat_at=old.last_heartbeat_at, expires_at=old.expires_at) != old:
-        return "updated"
-    return None  # a token rotation: nothing discovery shows has changed

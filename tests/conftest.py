@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+import uuid
+from typing import Any, Iterator
 
 import pytest
+import pytest_twisted
 from hypothesis import settings
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
@@ -41,19 +43,41 @@ def clock() -> Clock:
     return clock
 
 
-@pytest.fixture(params=["memory"])
-def store(request: pytest.FixtureRequest) -> IStore:
+@pytest.fixture(scope="session")
+def shared_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One real etcd member for the whole session; each etcd store takes its own prefix."""
+    from .etcd_harness import start_cluster
+
+    cluster = start_cluster(tmp_path_factory.mktemp("shared-etcd"), size=1)
+    yield cluster
+    cluster.stop()
+
+
+@pytest_twisted.async_yield_fixture(params=["memory", "etcd"])
+async def store(request: pytest.FixtureRequest) -> Any:
     """A fresh, empty store of each kind the API must work over; the kind names the test id.
 
-    A store whose operations really wait (on network I/O) fires its Deferreds from
-    the global reactor, so the tests over it must ``await``, never `fired`. Its time
-    stays the registry's `clock`: only its I/O goes through the reactor.
-    Modules that test one kind's internals pin it with
-    ``pytestmark = pytest.mark.parametrize("store", ["memory"], indirect=True)``.
+    The etcd store fires its Deferreds from the global reactor, so the tests over
+    it must ``await``, never `fired`. Its leases run on etcd's real time, not on
+    the registry's `clock`: tests that move the clock to end a lease pin the
+    memory store with ``@pytest.mark.parametrize("store", ["memory"], indirect=True)``.
     """
     if request.param == "memory":
-        return MemoryStore()
-    raise ValueError(f"no store of kind {request.param!r}")
+        yield MemoryStore()
+        return
+    from twisted.internet import reactor
+
+    from regdisc.etcd.gateway import EtcdGateway
+    from regdisc.etcd.store import EtcdStore
+
+    cluster = request.getfixturevalue("shared_etcd")
+    gateway = EtcdGateway(cluster.endpoints, reactor, timeout=5.0)
+    etcd = EtcdStore(gateway, f"/test-{uuid.uuid4().hex}/", reactor)
+    etcd.startService()
+    await etcd.ready
+    yield etcd
+    etcd.stopService()
+    await gateway.close()
 
 
 @pytest.fixture
