@@ -135,16 +135,18 @@ class RegistryAPI:
 
     @app.route("/registry/services", methods=["GET"])
     async def services(self, request: IRequest) -> bytes:
+        self._discovering(request)
         await self._block(request, SERVICES)
         revision = self._registry.revision(SERVICES)
         counts = await self._registry.services()
         listed = [{"name": name, "instances": count} for name, count in counts]
-        return _discovery(request, {"services": listed}, revision)
+        return _discovery(request, {"services": listed}, revision, self._registry.mirror_age())
 
     @app.route(_INSTANCES, methods=["GET"])
     async def instances(self, request: IRequest, service: str) -> bytes:
         check_service(service)
         status, tags, metadata = _filters(request)
+        self._discovering(request)
         await self._block(request, service)
         revision = self._registry.revision(service)
         key = (service, status, tags, tuple(sorted(metadata.items())))
@@ -156,22 +158,28 @@ class RegistryAPI:
             ends = min((i.expires_at for i in found), default=math.inf)
             answer = render(body, version, ends)
             self._answers.put(key, answer)
-        return _answer(request, answer, revision)
+        return _answer(request, answer, revision, self._registry.mirror_age())
 
     @app.route(_INSTANCE, methods=["GET"])
     async def instance(self, request: IRequest, service: str, instance_id: str) -> bytes:
         _check_path(service, instance_id)
+        self._discovering(request)
         revision = self._registry.revision(service)
         found = await self._registry.instance(service, instance_id)
-        return _discovery(request, {"instance": found.to_json()}, revision)
+        return _discovery(request, {"instance": found.to_json()}, revision, self._registry.mirror_age())
 
     @app.route("/registry/events", methods=["GET"])
     def events(self, request: IRequest) -> Deferred:
         """Changes as Server-Sent Events (`regdisc.stream`), from ``since`` or ``Last-Event-ID``."""
         services = followed_services(request)
         since = start_revision(request)  # both raise InvalidRequest before the stream starts
+        self._discovering(request)
         stream = EventStream.of_registry(request, self._registry, services, self._peer_of(request))
         return stream.start(since)
+
+    def _discovering(self, request: IRequest) -> None:
+        """Refuse discovery before the registry has loaded its state."""
+        self._registry.check_ready()
 
     async def _block(self, request: IRequest, service: str | None) -> None:
         """Hold a blocking query (``?index=N&wait=30s``) until a change or its time is up."""
@@ -223,14 +231,19 @@ def _data(request: IRequest, data: Any, status: int = 200) -> bytes:
     return json.dumps({"data": data}, separators=(",", ":")).encode("utf-8")
 
 
-def _discovery(request: IRequest, data: Any, revision: int) -> bytes:
+def _discovery(request: IRequest, data: Any, revision: int, age: float | None) -> bytes:
     """A discovery answer made for this request alone."""
-    return _answer(request, render(data, 0, math.inf), revision)
+    return _answer(request, render(data, 0, math.inf), revision, age)
 
 
-def _answer(request: IRequest, answer: Rendered, revision: int) -> bytes:
-    """A discovery answer: with its index, a strong ETag, and 304 when the client has it."""
+def _answer(request: IRequest, answer: Rendered, revision: int, age: float | None) -> bytes:
+    """A discovery answer: with its index, a strong ETag, and 304 when the client has it.
+
+    ``age`` says how old a mirrored store's view is (``X-Regdisc-Mirror-Age``).
+    """
     request.setHeader("X-Regdisc-Index", str(revision))
+    if age is not None:
+        request.setHeader("X-Regdisc-Mirror-Age", f"{age:.3f}")
     request.setHeader("ETag", answer.etag)
     request.setHeader("Content-Type", "application/json")
     matches = request.getHeader("If-None-Match")

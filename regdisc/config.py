@@ -45,7 +45,22 @@ SETTINGS = (
     Setting("REGDISC_TOKEN_TTL", "token-ttl", "3600", "lifetime of an instance token, seconds"),
     Setting("REGDISC_LOG_FORMAT", "log-format", "text", "text or json (one JSON object per line)"),
     Setting("REGDISC_LOG_LEVEL", "log-level", "info", "debug, info, warn, error or critical"),
+    Setting("REGDISC_STORE", "store", "memory", "memory (one node) or etcd (several nodes sharing etcd)"),
+    Setting("REGDISC_ETCD_ENDPOINTS", "etcd-endpoints", None, "etcd client URLs, comma-separated (with the etcd store)"),
+    Setting("REGDISC_ETCD_PREFIX", "etcd-prefix", "/regdisc/", "the etcd key prefix the registry owns"),
+    Setting("REGDISC_ETCD_CERT", "etcd-cert", None, "client certificate for etcd (PEM)"),
+    Setting("REGDISC_ETCD_KEY", "etcd-key", None, "client key for etcd (PEM)"),
+    Setting("REGDISC_ETCD_CA", "etcd-ca", None, "CA certificate of etcd's servers (PEM)"),
 )
+
+
+@attrs.frozen
+class EtcdSettings:
+    """Where etcd is, under which prefix, and the client TLS files for it (all or none)."""
+
+    endpoints: tuple[str, ...]
+    prefix: str
+    tls: TLSFiles | None
 
 
 @attrs.frozen
@@ -60,6 +75,8 @@ class Config:
     token_ttl: int
     log_format: str
     log_level: LogLevel
+    etcd: EtcdSettings | None = None
+    """None for the memory store."""
 
 
 def load_config(
@@ -109,7 +126,57 @@ def load_config(
         token_ttl=get("REGDISC_TOKEN_TTL", _seconds),
         log_format=get("REGDISC_LOG_FORMAT", _log_format),
         log_level=get("REGDISC_LOG_LEVEL", _log_level),
+        etcd=_etcd(values, get, path),
     )
+
+
+def _etcd(
+    values: Mapping[str, tuple[str | None, str]],
+    get: Callable[[str, Callable[[str, str], T]], T],
+    path: Callable[[str], Path | None],
+) -> EtcdSettings | None:
+    store = get("REGDISC_STORE", _store)
+    if store == "memory":
+        return None
+    raw, source = values["REGDISC_ETCD_ENDPOINTS"]
+    if not raw:
+        raise ConfigError(f"{source}: required with the etcd store (e.g. https://10.0.0.1:2379)")
+    endpoints = tuple(_endpoint(e.strip(), source) for e in raw.split(",") if e.strip())
+    prefix = get("REGDISC_ETCD_PREFIX", _prefix)
+    names = ("REGDISC_ETCD_CERT", "REGDISC_ETCD_KEY", "REGDISC_ETCD_CA")
+    paths = [path(name) for name in names]
+    tls = None
+    if any(paths):
+        for name, found in zip(names, paths):
+            if found is None:
+                raise ConfigError(f"{values[name][1]}: required when any etcd TLS path is set")
+        tls = TLSFiles(cert=paths[0], key=paths[1], ca=paths[2])  # type: ignore[arg-type]
+    if tls is None and any(e.startswith("https:") for e in endpoints):
+        raise ConfigError(
+            f"{values['REGDISC_ETCD_CA'][1]}: https etcd endpoints need "
+            "REGDISC_ETCD_CERT, REGDISC_ETCD_KEY and REGDISC_ETCD_CA"
+        )
+    return EtcdSettings(endpoints, prefix, tls)
+
+
+def _store(value: str, source: str) -> str:
+    if value not in ("memory", "etcd"):
+        raise ConfigError(f"{source}: must be memory or etcd, not {value!r}")
+    return value
+
+
+def _endpoint(value: str, source: str) -> str:
+    scheme, sep, rest = value.partition("://")
+    host, colon, port = rest.rstrip("/").rpartition(":")
+    if scheme not in ("http", "https") or not sep or not colon or not host or not port.isdigit():
+        raise ConfigError(f"{source}: not an etcd URL such as https://10.0.0.1:2379: {value!r}")
+    return value.rstrip("/")
+
+
+def _prefix(value: str, source: str) -> str:
+    if not (value.startswith("/") and value.endswith("/") and len(value) > 1):
+        raise ConfigError(f"{source}: must start and end with '/', such as /regdisc/: {value!r}")
+    return value
 
 
 def _tls_paths(

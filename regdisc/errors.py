@@ -76,6 +76,7 @@ class BackendUnavailable(ApiError):
     """The shared backend (etcd) cannot take writes now: no quorum, or out of reach."""
 
     status, code = 503, "backend_unavailable"
+    headers = {"Retry-After": "1"}
 
 
 class Conflict(Exception):

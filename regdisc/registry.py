@@ -14,7 +14,7 @@ from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from .errors import ApiError, Conflict, InstanceExists, InstanceNotFound, TokenExpired, Unauthorized
+from .errors import ApiError, BackendUnavailable, Conflict, InstanceExists, InstanceNotFound, TokenExpired, Unauthorized
 from .feed import ChangeFeed
 from .model import Credentials, Instance, Peer, Registration
 from .store import IStore
@@ -59,6 +59,19 @@ class Registry:
     def feed(self) -> ChangeFeed:
         """The change feed of the store."""
         return self._store.feed
+
+    def check_ready(self) -> None:
+        """Raise `BackendUnavailable` while the store is still loading its state.
+
+        A node that has not yet loaded the registry answers 503 rather than an
+        empty list, which clients would take for the truth.
+        """
+        if not self._store.ready.called:
+            raise BackendUnavailable("the registry is still loading its state; try again")
+
+    def mirror_age(self) -> float | None:
+        """How old the store's mirror of a shared backend is; None when not mirrored."""
+        return self._store.mirror_age()
 
     @property
     def clock(self) -> IReactorTime:

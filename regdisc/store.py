@@ -27,6 +27,10 @@ class IStore(Interface):
     """
 
     feed = Attribute("The `ChangeFeed` of this store's revisions and visible changes.")
+    ready = Attribute("A Deferred that fires once the store can answer (has loaded its state).")
+
+    def mirror_age() -> float | None:
+        """Seconds since a mirrored store last heard from its backend; None when not mirrored."""
 
     def get(service: str, instance_id: str, now: float) -> Deferred:
         """The live `Registration`, or None."""
@@ -69,6 +73,7 @@ class MemoryStore:
 
     def __init__(self, feed: ChangeFeed | None = None) -> None:
         self.feed = feed if feed is not None else ChangeFeed()
+        self.ready: Deferred = succeed(None)
         self._services: dict[str, dict[str, Registration]] = {}
         self._count = 0
         self._versions: dict[str, int] = {}
@@ -78,6 +83,9 @@ class MemoryStore:
 
     def version(self, service: str) -> int:
         return self._versions.get(service, 0)
+
+    def mirror_age(self) -> None:
+        return None
 
     def __len__(self) -> int:
         """How many registrations are held, evicted or not yet."""

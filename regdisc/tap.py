@@ -15,7 +15,10 @@ from twisted.python import usage
 from twisted.python.components import Componentized
 
 from .api import RegistryAPI
-from .config import SETTINGS, Config, ConfigError, load_config
+from .client.tls import ClientTLS, ClientTLSError
+from .config import SETTINGS, Config, ConfigError, EtcdSettings, load_config
+from .etcd.gateway import EtcdGateway
+from .etcd.store import EtcdStore
 from .lease import LeaseService
 from .logs import make_observer
 from .pki import PKIError, ensure_dev_pki
@@ -74,15 +77,22 @@ def makeService(options: Options) -> RootService:
 def make_service(config: Config, reactor: Any, stream: IO[str] = sys.stdout) -> RootService:
     """The daemon's services under one `RootService`, on ``reactor``."""
     tls_options = server_tls_options_for(config)
-    store = MemoryStore()
+    root = RootService(make_observer(config.log_format, config.log_level, stream))
+    store: Any
+    if config.etcd is None:
+        store = MemoryStore()
+        leases = LeaseService(store, reactor, config.cleanup_interval)
+        leases.setName("leases")
+        leases.setServiceParent(root)
+    else:
+        # etcd ends leases itself: no lease manager on any node.
+        store = _etcd_store(config.etcd, reactor)
+        store.setName("store")
+        store.setServiceParent(root)
     registry = Registry(store, reactor, config.token_ttl)
     api = RegistryAPI(registry, config.ttl, peer_from_request)
     site = RegistrySite(api.app.resource(), reactor=reactor)
 
-    root = RootService(make_observer(config.log_format, config.log_level, stream))
-    leases = LeaseService(store, reactor, config.cleanup_interval)
-    leases.setName("leases")
-    leases.setServiceParent(root)
     endpoint = serverFromString(reactor, config.listen)
     https = HTTPSService(endpoint, tls_factory(tls_options, site))
     https.setName("https")
@@ -114,6 +124,17 @@ class HTTPSService(StreamServerEndpointService):
 def listening_port(root: MultiService) -> Deferred:
     """Fires with the `IListeningPort` of a started daemon (tests use port 0)."""
     return root.getServiceNamed("https")._waitingForPort
+
+
+def _etcd_store(settings: EtcdSettings, reactor: Any) -> EtcdStore:
+    tls = None
+    if settings.tls is not None:
+        try:
+            tls = ClientTLS.from_files(settings.tls.cert, settings.tls.key, settings.tls.ca)
+        except ClientTLSError as e:
+            raise StartupError(f"etcd TLS: {e}") from None
+    gateway = EtcdGateway(list(settings.endpoints), reactor, tls=tls)
+    return EtcdStore(gateway, settings.prefix, reactor)
 
 
 def server_tls_options_for(config: Config) -> Any:

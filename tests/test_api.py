@@ -788,3 +788,30 @@ async def test_discovery_renders_once_per_change(client: Client, monkeypatch: py
     await client.request("PUT", instance_path("web", "web-1", "/heartbeat"), token=token)
     await client.request("GET", "/services/web/instances")
     assert rendered == ["web-1", "web-1"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_mirrored_store_says_how_old_its_view_is(client: Client, store: Any) -> None:
+    """Discovery over a mirrored store (etcd) carries X-Regdisc-Mirror-Age; memory does not."""
+    answer = await client.request("GET", "/services")
+    age = answer.headers.getRawHeaders("x-regdisc-mirror-age")
+    if store.mirror_age() is None:
+        assert age is None
+    else:
+        assert float(age[0]) >= 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_discovery_waits_for_the_store_to_load(clock: Clock) -> None:
+    """Until its store has loaded, a node answers discovery with 503 and Retry-After."""
+    from twisted.internet.defer import Deferred
+
+    loading = MemoryStore()
+    loading.ready = Deferred()
+    api = RegistryAPI(Registry(loading, clock, TOKEN_TTL), BOUNDS, lambda r: None)
+    client = Client(api, {"current": None})
+    answer = await client.request("GET", "/services/web/instances")
+    assert (answer.code, answer.error["code"]) == (503, "backend_unavailable")
+    assert answer.headers.getRawHeaders("retry-after") == ["1"]
+    loading.ready.callback(None)
+    assert (await client.request("GET", "/services/web/instances")).code == 200

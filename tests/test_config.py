@@ -106,3 +106,43 @@ def test_empty_variables_count_as_unset() -> None:
     config = load_config({**HOME, "REGDISC_PORT": "", "REGDISC_TLS_CERT": ""})
     assert config.listen.startswith("tcp:8443:")
     assert config.tls is None
+
+
+def test_the_etcd_store() -> None:
+    """REGDISC_STORE=etcd reads the endpoints, the prefix and the etcd TLS files."""
+    config = load_config({
+        **HOME,
+        "REGDISC_STORE": "etcd",
+        "REGDISC_ETCD_ENDPOINTS": "https://10.0.0.1:2379, https://10.0.0.2:2379/",
+        "REGDISC_ETCD_PREFIX": "/prod/",
+        "REGDISC_ETCD_CERT": "/c.pem",
+        "REGDISC_ETCD_KEY": "/k.pem",
+        "REGDISC_ETCD_CA": "/ca.pem",
+    })
+    assert config.etcd is not None
+    assert config.etcd.endpoints == ("https://10.0.0.1:2379", "https://10.0.0.2:2379")
+    assert config.etcd.prefix == "/prod/"
+    assert config.etcd.tls == TLSFiles(Path("/c.pem"), Path("/k.pem"), Path("/ca.pem"))
+    assert load_config(HOME).etcd is None
+
+
+@pytest.mark.parametrize(
+    "environ, message",
+    [
+        ({"REGDISC_STORE": "redis"}, "REGDISC_STORE: must be memory or etcd"),
+        ({"REGDISC_STORE": "etcd"}, "REGDISC_ETCD_ENDPOINTS: required with the etcd store"),
+        ({"REGDISC_STORE": "etcd", "REGDISC_ETCD_ENDPOINTS": "10.0.0.1:2379"},
+         "REGDISC_ETCD_ENDPOINTS: not an etcd URL"),
+        ({"REGDISC_STORE": "etcd", "REGDISC_ETCD_ENDPOINTS": "http://h:2379", "REGDISC_ETCD_PREFIX": "regdisc"},
+         "REGDISC_ETCD_PREFIX: must start and end with '/'"),
+        ({"REGDISC_STORE": "etcd", "REGDISC_ETCD_ENDPOINTS": "http://h:2379", "REGDISC_ETCD_CERT": "/c"},
+         "REGDISC_ETCD_KEY: required when any etcd TLS path is set"),
+        ({"REGDISC_STORE": "etcd", "REGDISC_ETCD_ENDPOINTS": "https://h:2379"},
+         "REGDISC_ETCD_CA: https etcd endpoints need"),
+    ],
+)
+def test_bad_etcd_settings_name_the_variable(environ: dict[str, str], message: str) -> None:
+    """A wrong etcd setting stops startup with a line naming it."""
+    with pytest.raises(ConfigError) as raised:
+        load_config({**HOME, **environ})
+    assert str(raised.value).startswith(message)

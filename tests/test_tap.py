@@ -158,3 +158,26 @@ def test_twistd_refuses_bad_settings_in_one_line(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == ["regdisc: REGDISC_PORT: not a port: 'abc'"]
     assert not (tmp_path / ".local").exists()
+
+
+def test_the_etcd_store_replaces_the_lease_manager(tmp_path: Path) -> None:
+    """With the etcd store, the store is a child service and no node runs a lease manager."""
+    from regdisc.etcd.store import EtcdStore
+
+    config = config_for(tmp_path, REGDISC_STORE="etcd", REGDISC_ETCD_ENDPOINTS="http://127.0.0.1:1")
+    root = make_service(config, MemoryReactorClock(), io.StringIO())
+    assert isinstance(root.getServiceNamed("store"), EtcdStore)
+    with pytest.raises(KeyError):
+        root.getServiceNamed("leases")
+
+
+def test_missing_etcd_tls_files_are_a_startup_error(tmp_path: Path) -> None:
+    """A configured etcd TLS file that is missing stops startup, naming it."""
+    config = config_for(
+        tmp_path, REGDISC_STORE="etcd", REGDISC_ETCD_ENDPOINTS="https://127.0.0.1:1",
+        REGDISC_ETCD_CERT=str(tmp_path / "c.pem"), REGDISC_ETCD_KEY=str(tmp_path / "k.pem"),
+        REGDISC_ETCD_CA=str(tmp_path / "ca.pem"),
+    )
+    with pytest.raises(StartupError) as raised:
+        make_service(config, MemoryReactorClock(), io.StringIO())
+    assert "etcd TLS" in str(raised.value) and "c.pem" in str(raised.value)
