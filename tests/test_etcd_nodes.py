@@ -12,7 +12,7 @@ from twisted.internet.task import deferLater
 from regdisc.client import RegistryClient, RegistryError
 
 from .etcd_harness import etcd_cluster  # noqa: F401 (a fixture)
-from .harness import Daemon, LocalPKI, client_for, start_daemon
+from .harness import LocalPKI, client_for, start_daemon
 
 
 async def until(check: Callable[[], Any], seconds: float = 10.0) -> None:
