@@ -165,3 +165,33 @@ async def test_without_etcd_writes_fail_fast_and_discovery_serves_the_mirror(nod
     assert reactor.seconds() - started < 3 * 2.0
     assert [i.id for i in await a.registry.instances("web")] == ["web-1"]
     assert a.store.mirror_age() is not None
+
+
+class TwiceSent(EtcdGateway):
+    """A gateway whose txns reach etcd twice, as after a time-out and a failover."""
+
+    def txn(self, compare: Any, success: Any, failure: Any = ()) -> Any:
+        async def twice() -> Any:
+            await super(TwiceSent, self).txn(compare, success, failure)
+            return await super(TwiceSent, self).txn(compare, success, failure)
+
+        return ensureDeferred(twice())
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_registration_sent_twice_still_wins(etcd_cluster: Callable[..., Any]) -> None:  # noqa: F811
+    """If a registration's txn reached etcd before a retry, the retry's failure is no 409."""
+    cluster = etcd_cluster(size=1)
+    gateway = TwiceSent(cluster.endpoints, reactor, timeout=2.0)
+    store = EtcdStore(gateway, f"/regdisc-{uuid.uuid4().hex}/", reactor)
+    store.startService()
+    try:
+        await store.ready
+        registry = Registry(store, reactor, 3600)
+        issued = await registry.register("web", spec(), None, ALICE)
+        assert issued.outcome == "created"
+        with pytest.raises(InstanceExists):
+            await registry.register("web", spec(), None, BOB)
+    finally:
+        store.stopService()
+        await gateway.close()

@@ -30,7 +30,16 @@ from ..errors import BackendUnavailable, Conflict, InstanceExists
 from ..feed import ChangeFeed
 from ..model import Credentials, Instance, Registration, change_kind
 from ..store import IStore
-from .gateway import Compacted, Compare, EtcdGateway, EtcdUnavailable, Event, KeyValue, Put
+from .gateway import (
+    Compacted,
+    Compare,
+    EtcdGateway,
+    EtcdUnavailable,
+    Event,
+    KeyValue,
+    Put,
+    TxnResult,
+)
 
 RESYNC_DELAY = 1.0
 """Seconds between attempts to list again after the mirror lost etcd."""
@@ -234,12 +243,18 @@ class EtcdStore(Service):
                 )
             )
             if not result.succeeded:
-                self._revoke(lease)
-                service, instance_id = registration.key
-                raise InstanceExists(
-                    f"instance {instance_id!r} of {service!r} is already registered",
-                    {"id": instance_id},
-                )
+                # The gateway may have sent the txn twice (a time-out, then
+                # another endpoint): if the key holds our own record, we won.
+                _, kvs = await self._etcd(self._gateway.range(key))
+                held = _decode(kvs[0]) if kvs else None
+                if held is None or held.credentials.token_hash != registration.credentials.token_hash:
+                    self._revoke(lease)
+                    service, instance_id = registration.key
+                    raise InstanceExists(
+                        f"instance {instance_id!r} of {service!r} is already registered",
+                        {"id": instance_id},
+                    )
+                result = TxnResult(True, held.revision)
             await self._caught_up(result.revision)
             return LeasedRegistration(
                 registration.instance, registration.credentials, result.revision, lease
