@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web._newclient import RequestTransmissionFailed
 from twisted.web.client import (
+    _HTTP11ClientFactory,
     Agent,
     BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,
@@ -295,12 +296,12 @@ class EtcdGateway:
         self._reactor = reactor
         self._timeout = timeout
         policy = tls.policy() if tls is not None else BrowserLikePolicyForHTTPS()
-        self._pool = HTTPConnectionPool(reactor, persistent=True)
+        self._pool = _quiet(HTTPConnectionPool(reactor, persistent=True))
         self._pool.maxPersistentPerHost = 8
         self._http = HTTPClient(Agent(reactor, contextFactory=policy, pool=self._pool))
         # Watches last; on their own non-persistent pool, they never hold a
         # connection the calls would want back.
-        self._watch_pool = HTTPConnectionPool(reactor, persistent=False)
+        self._watch_pool = _quiet(HTTPConnectionPool(reactor, persistent=False))
         self._watch_http = HTTPClient(Agent(reactor, contextFactory=policy, pool=self._watch_pool))
         self._current = 0
         self._watches: set[Watch] = set()
@@ -589,6 +590,20 @@ class EtcdGateway:
                 stream.abort()
             return
         raise EtcdUnavailable("; ".join(reasons))
+
+
+class _QuietClientFactory(_HTTP11ClientFactory):
+    noisy = False
+
+
+def _quiet(pool: HTTPConnectionPool) -> HTTPConnectionPool:
+    """A pool whose connections do not log "Starting factory" each time.
+
+    The daemon opens them all day long (watches, failovers); Twisted offers no
+    public switch, so the pool's factory class is replaced.
+    """
+    pool._factory = _QuietClientFactory
+    return pool
 
 
 def _fail_watch(failure: Failure, watch: Watch) -> None:
