@@ -181,6 +181,8 @@ class Watch:
 
     def __init__(self, start_revision: int, on_events: Callable[[int, list[Event]], None]) -> None:
         self.done = Deferred()
+        self.created: Deferred = Deferred()
+        """Fires when etcd confirms the watch: from then on the stream is current."""
         self.next_revision = start_revision
         self._on_events = on_events
         self._stopped = False
@@ -247,8 +249,11 @@ class Watch:
             self._fail(EtcdError(_UNKNOWN, str(reason)))
             return
         revision = _int(result.get("header", {}), "revision")
-        if result.get("created") and self.next_revision == 0:
-            self.next_revision = revision + 1
+        if result.get("created"):
+            if self.next_revision == 0:
+                self.next_revision = revision + 1
+            if not self.created.called:
+                self.created.callback(None)
         raw = result.get("events") or []
         if not raw:
             return

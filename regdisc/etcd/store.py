@@ -76,7 +76,8 @@ class EtcdStore(Service):
         self._versions: dict[str, int] = {}
         self._watch: Any = None
         self._retry: IDelayedCall | None = None
-        self._synced_at: float | None = None
+        # When the mirror lost etcd; None while its watch is current.
+        self._lost_at: float | None = None
         self._catching_up: list[tuple[int, Deferred]] = []
 
     # The mirror.
@@ -85,18 +86,27 @@ class EtcdStore(Service):
         super().startService()
         self._list()
 
-    def stopService(self) -> None:
+    def stopService(self) -> Deferred:
         super().stopService()
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
         if self._watch is not None:
             self._watch.stop()
+        return self._gateway.close()
 
     def mirror_age(self) -> float | None:
-        """Seconds since the mirror last heard from etcd; None before its first listing."""
-        if self._synced_at is None:
+        """0 while the mirror's watch is current; else seconds since it lost etcd.
+
+        None before the first listing.
+        """
+        if not self.ready.called:
             return None
-        return max(0.0, self._clock.seconds() - self._synced_at)
+        if self._lost_at is None:
+            return 0.0
+        return max(0.0, self._clock.seconds() - self._lost_at)
+
+    def _current(self, _: object = None) -> None:
+        self._lost_at = None
 
     def _list(self) -> None:
         self._retry = None
@@ -115,7 +125,7 @@ class EtcdStore(Service):
         first = not self.ready.called
         self._replace_all(fresh, revision, announce=not first)
         self.feed.observe(revision)
-        self._synced_at = self._clock.seconds()
+        self._current()
         self._watch = self._gateway.watch(
             self._root, _prefix_end(self._root), revision + 1, self._events
         )
@@ -126,6 +136,8 @@ class EtcdStore(Service):
     def _mirror_lost(self, failure: Failure) -> None:
         if not self.running:
             return None
+        if self._lost_at is None:
+            self._lost_at = self._clock.seconds()
         watch = self._watch
         if failure.check(EtcdUnavailable) and watch is not None and watch.next_revision > 0:
             # Resume the watch where it stopped: nothing is missed or repeated.
@@ -144,10 +156,11 @@ class EtcdStore(Service):
     def _resume(self, revision: int) -> None:
         self._retry = None
         self._watch = self._gateway.watch(self._root, _prefix_end(self._root), revision, self._events)
+        self._watch.created.addCallback(self._current)
         self._watch.done.addErrback(self._mirror_lost)
 
     def _events(self, revision: int, events: list[Event]) -> None:
-        self._synced_at = self._clock.seconds()
+        self._current()
         for event in events:
             key = _key_of(self._root, event.kv.key)
             if key is None:
