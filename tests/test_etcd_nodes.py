@@ -94,3 +94,30 @@ async def test_clients_listing_both_nodes_carry_on_when_one_stops(two_nodes: Any
         await until(listed)
     finally:
         await both.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_of_many_racing_registrations_wins_across_nodes(two_nodes: Any) -> None:
+    """Clients with their own certificates racing to register one id through both nodes:
+    exactly one gets 201, every other one 409 instance_exists."""
+    from twisted.internet.defer import DeferredList
+
+    local, a, b = two_nodes
+    clients = [
+        client_for(a if n % 2 else b, local.client_tls(local.issue(f"racer{n}")), reactor)
+        for n in range(12)
+    ]
+    try:
+        for client in clients[:2]:
+            await until(lambda: loaded(client))
+        results = await DeferredList(
+            [c.register("web", "10.0.0.1", 8080, instance_id="contested") for c in clients],
+            consumeErrors=True,
+        )
+        winners = [value for ok, value in results if ok]
+        losers = [value.value for ok, value in results if not ok]
+        assert len(winners) == 1
+        assert [e.code for e in losers] == ["instance_exists"] * 11
+    finally:
+        for client in clients:
+            await client.close()

@@ -61,8 +61,8 @@ _NOT_FOUND = 5
 _UNKNOWN = 2
 
 # grpc-gateway passes Grpc-Metadata-* headers on as gRPC metadata; etcd then
-# refuses, or ends, a stream on a member that has no leader instead of
-# leaving it silent. Used for watches, which have no time-out to notice.
+# refuses a call, or ends a stream, on a member that has no leader instead of
+# holding it or leaving it silent. Sent with every call and watch.
 _REQUIRE_LEADER = {"Grpc-Metadata-hasleader": ["true"]}
 _JSON = {"Content-Type": ["application/json"], "Accept": ["application/json"]}
 
@@ -521,7 +521,12 @@ class EtcdGateway:
         """One request to one endpoint; the answer's JSON, or `EtcdUnavailable`/`EtcdError`."""
 
         async def exchange() -> tuple[int, bytes]:
-            response = await self._http.post(base + path, data=data, headers=_JSON)
+            # Asking for a leader makes a member that has lost its own refuse
+            # at once ("no leader") instead of holding the call until etcd's
+            # own time-out: without quorum, writes fail fast.
+            response = await self._http.post(
+                base + path, data=data, headers={**_JSON, **_REQUIRE_LEADER}
+            )
             return response.code, await _read_body(response)
 
         code, raw = await self._bounded(base, Deferred.fromCoroutine(exchange()))
