@@ -19,6 +19,7 @@ from twisted.web.http_headers import Headers
 from twisted.web._newclient import RequestTransmissionFailed
 
 from ..model import Instance, from_rfc3339
+from ..deferreds import cancellable
 from ..openssl import describe_ssl_error
 from .errors import (
     RegistryError,
@@ -291,30 +292,12 @@ class RegistryClient:
     ) -> Deferred:
         """Fires with ``read`` of the whole answer; ``timeout`` (per URL) overrides the client's."""
         # Cancelling the answer stops the request and tries no further URL.
-        cancelled: list[bool] = []
-        inner = Deferred.fromCoroutine(
-            self._failover(
+        return cancellable(
+            lambda cancelled: self._failover(
                 method, path, read, body, token, params,
                 self._timeout if timeout is None else timeout, cancelled,
             )
         )
-
-        def cancel(outer: Deferred) -> None:
-            cancelled.append(True)
-            inner.cancel()
-
-        outer: Deferred = Deferred(cancel)
-
-        def forward(result: Any) -> None:
-            if outer.called:  # cancelled already; the late outcome has no taker
-                return
-            if isinstance(result, Failure):
-                outer.errback(result)
-            else:
-                outer.callback(result)
-
-        inner.addBoth(forward)
-        return outer
 
     async def _failover(
         self,

@@ -33,6 +33,7 @@ from twisted.web.client import (
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 
+from ..deferreds import cancellable
 from ..openssl import describe_ssl_error
 
 __all__ = [
@@ -458,25 +459,7 @@ class EtcdGateway:
         self, path: str, body: Any, parse: Callable[[Any], T], *, stream: bool = False
     ) -> Deferred:
         # Cancelling the answer stops the request and tries no further endpoint.
-        cancelled: list[bool] = []
-        inner = Deferred.fromCoroutine(self._failover(path, body, parse, stream, cancelled))
-
-        def cancel(outer: Deferred) -> None:
-            cancelled.append(True)
-            inner.cancel()
-
-        outer: Deferred = Deferred(cancel)
-
-        def forward(result: Any) -> None:
-            if outer.called:  # cancelled already; the late outcome has no taker
-                return
-            if isinstance(result, Failure):
-                outer.errback(result)
-            else:
-                outer.callback(result)
-
-        inner.addBoth(forward)
-        return outer
+        return cancellable(lambda cancelled: self._failover(path, body, parse, stream, cancelled))
 
     async def _failover(
         self, path: str, body: Any, parse: Callable[[Any], T], stream: bool, cancelled: list[bool]
