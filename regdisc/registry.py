@@ -328,7 +328,7 @@ def _from_spec(
         host=spec.host,
         port=spec.port,
         status=spec.status,
-        metadata=dict(spec.metadata),
+        metadata=spec.metadata,  # checked and made for this request: no copy needed
         tags=spec.tags,
         ttl=spec.ttl,
         registered_at=registered_at,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import heapq
-from typing import Iterable
 
 import attrs
 
@@ -77,9 +76,10 @@ class MemoryStore:
         self._services: dict[str, dict[str, Registration]] = {}
         self._count = 0
         self._versions: dict[str, int] = {}
-        # (expires_at, service, id); renewals push a new entry and leave the old
-        # one stale, to be skipped when popped or dropped by _compact.
+        # (deadline, service, id): one live entry per registration, whose
+        # deadline _scheduled keeps; entries that no longer match it are stale.
         self._deadlines: list[tuple[float, str, str]] = []
+        self._scheduled: dict[tuple[str, str], float] = {}
 
     def version(self, service: str) -> int:
         return self._versions.get(service, 0)
@@ -147,21 +147,38 @@ class MemoryStore:
         return succeed(live)
 
     def evict_expired(self, now: float, limit: int) -> list[Instance]:
-        """Remove up to ``limit`` registrations whose lease ended by ``now``.
+        """Remove the registrations whose lease ended by ``now``, looking at ``limit``
+        deadlines at most; `due` then says whether more are waiting.
 
-        Costs time in proportion to the deadlines that have passed, not to the
-        registrations held. Returns the evicted instances, earliest deadline first.
+        Each registration has one deadline in the heap. A renewal leaves it be;
+        when it comes due, a lease that was renewed meanwhile is simply put back
+        at its new end. So the work follows the deadlines that pass (about one
+        per registration per TTL), not the renewals nor the registrations held.
+        Returns the evicted instances, earliest deadline first.
         """
         evicted: list[Instance] = []
-        deadlines = self._deadlines
-        while deadlines and deadlines[0][0] <= now and len(evicted) < limit:
-            _, service, instance_id = heapq.heappop(deadlines)
+        deadlines, scheduled = self._deadlines, self._scheduled
+        for _ in range(limit):
+            if not deadlines or deadlines[0][0] > now:
+                break
+            deadline, service, instance_id = heapq.heappop(deadlines)
+            key = (service, instance_id)
+            if scheduled.get(key) != deadline:
+                continue  # left behind by a deregistration or a shortened lease
             found = self._lookup(service, instance_id)
-            if found is not None and not found.instance.is_live(now):
-                self._remove(service, instance_id)
-                self.feed.record("evicted", found.instance)
-                evicted.append(found.instance)
+            assert found is not None
+            if found.instance.is_live(now):
+                self._schedule(key, found.instance.expires_at)
+                continue
+            del scheduled[key]
+            self._remove(service, instance_id)
+            self.feed.record("evicted", found.instance)
+            evicted.append(found.instance)
         return evicted
+
+    def due(self, now: float) -> bool:
+        """Whether a deadline has passed that `evict_expired` has not looked at yet."""
+        return bool(self._deadlines) and self._deadlines[0][0] <= now
 
     def _holds(self, registration: Registration) -> bool:
         # Revisions name writes; a renewal keeps its revision, as it changes
@@ -177,37 +194,36 @@ class MemoryStore:
     def _store(self, registration: Registration) -> None:
         instance = registration.instance
         held = self._services.setdefault(instance.service, {})
-        previous = held.get(instance.id)
-        if previous is None:
+        if instance.id not in held:
             self._count += 1
         held[instance.id] = registration
         self._versions[instance.service] = self._versions.get(instance.service, 0) + 1
-        if previous is None or previous.instance.expires_at != instance.expires_at:
-            heapq.heappush(self._deadlines, (instance.expires_at, instance.service, instance.id))
+        key = (instance.service, instance.id)
+        scheduled = self._scheduled.get(key)
+        # A later end waits for the deadline already in the heap to come due;
+        # only an earlier one (a new registration, a shorter TTL) needs its own.
+        if scheduled is None or instance.expires_at < scheduled:
+            self._schedule(key, instance.expires_at)
             self._compact()
+
+    def _schedule(self, key: tuple[str, str], deadline: float) -> None:
+        self._scheduled[key] = deadline
+        heapq.heappush(self._deadlines, (deadline, *key))
 
     def _remove(self, service: str, instance_id: str) -> None:
         held = self._services[service]
         del held[instance_id]
+        # Its heap entry, if any, is dropped when it comes due.
+        self._scheduled.pop((service, instance_id), None)
         self._versions[service] = self._versions.get(service, 0) + 1
         self._count -= 1
         if not held:
             del self._services[service]
 
     def _compact(self) -> None:
-        # Each renewal leaves a stale deadline behind; rebuilding the heap once
-        # it holds several per registration keeps memory bounded at an
-        # amortised O(1) cost per renewal.
-        if len(self._deadlines) > 4 * self._count + 64:
-            self._deadlines = _heap_of(self._services.values())
-
-
-def _heap_of(services: Iterable[dict[str, Registration]]) -> list[tuple[float, str, str]]:
-    heap = [
-        (r.instance.expires_at, r.instance.service, r.instance.id)
-        for held in services
-        for r in held.values()
-    ]
-    heapq.heapify(heap)
-    return heap
-
+        # Deregistrations and shortened leases leave stale entries until they
+        # come due; rebuilding once they outnumber the live ones keeps memory
+        # bounded at an amortised O(1) cost.
+        if len(self._deadlines) > 2 * self._count + 64:
+            self._deadlines = [(d, *key) for key, d in self._scheduled.items()]
+            heapq.heapify(self._deadlines)

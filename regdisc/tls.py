@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import attrs
@@ -105,7 +106,12 @@ def _read(path: Path, what: str) -> bytes:
 
 def peer_of(certificate: x509.Certificate, address: str) -> Peer:
     """The identity a verified certificate gives its holder."""
-    return Peer(certificate.subject.rfc4514_string(), fingerprint_sha256(certificate), address)
+    # Interned: every instance a certificate registers keeps its fingerprint.
+    return Peer(
+        certificate.subject.rfc4514_string(),
+        sys.intern(fingerprint_sha256(certificate)),
+        address,
+    )
 
 
 def peer_from_request(request: IRequest) -> Peer | None:

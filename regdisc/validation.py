@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import sys
 from typing import Any, Mapping
 
 import attrs
@@ -54,13 +55,14 @@ _CHANGEABLE = ("host", "port", "ttl", "status", "metadata", "tags")
 
 
 def check_service(service: str) -> str:
-    """Return ``service`` if it is a lowercase DNS label, or raise."""
+    """Return ``service`` (interned: one copy for all its instances) if it is a
+    lowercase DNS label, or raise."""
     if not SERVICE_NAME.fullmatch(service):
         raise InvalidRequest(
             "invalid service name",
             {"service": "must be a lowercase DNS label: a-z, 0-9 and '-', 1 to 63 characters"},
         )
-    return service
+    return sys.intern(service)
 
 
 def check_instance_id(instance_id: str) -> str:
@@ -182,7 +184,7 @@ def _check_ttl(value: object, bounds: TTLBounds) -> int:
 def _check_status(value: object) -> str:
     if value not in STATUSES:
         raise ValueError("must be one of " + ", ".join(STATUSES))
-    return value  # type: ignore[return-value]
+    return STATUSES[STATUSES.index(value)]  # the one shared copy
 
 
 def check_status_filter(value: str) -> str:
@@ -207,7 +209,9 @@ def _check_metadata(value: object) -> dict[str, str]:
             raise ValueError(
                 f"value of {key!r}: must be a string of at most {MAX_METADATA_VALUE} characters"
             )
-    return dict(value)
+    # Interned: the same keys and values recur across instances, and each
+    # copy would otherwise cost its own 50-odd bytes.
+    return {sys.intern(k): sys.intern(v) for k, v in value.items()}
 
 
 def _check_tags(value: object) -> tuple[str, ...]:
@@ -224,4 +228,4 @@ def _check_tags(value: object) -> tuple[str, ...]:
             raise ValueError(
                 f"each tag must be a printable string of 1 to {MAX_TAG_LENGTH} characters"
             )
-    return tuple(dict.fromkeys(value))
+    return tuple(sys.intern(tag) for tag in dict.fromkeys(value))

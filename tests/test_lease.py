@@ -83,10 +83,10 @@ def test_runs_do_not_overlap_while_slicing() -> None:
     service.startService()
     clock.advance(0)
     assert len(store) == 0
-    # Three full slices and a last one that finds nothing: one sweep.
-    assert calls == [5, 5, 5, 5]
+    # Three full slices, then nothing is due: one sweep.
+    assert calls == [5, 5, 5]
     clock.advance(1)
-    assert calls == [5, 5, 5, 5, 6]
+    assert calls == [5, 5, 5, 6]
     service.stopService()
 
 
@@ -135,3 +135,32 @@ def test_stop_during_a_sliced_sweep_ends_it() -> None:
     fired(stopped)
     assert clock.getDelayedCalls() == []
     assert len(store) == 1000  # two slices ran, the third did not
+
+
+def test_renewals_leave_no_work_behind() -> None:
+    """Renewed leases cost the lease manager one look per lease end, not one per renewal."""
+    clock, store = Clock(), MemoryStore()
+    fill(store, 100, ttl=10)
+    held = [fired(store.get("web", f"i{n}", 0)) for n in range(100)]
+    for second in range(1, 10):
+        clock.advance(1)
+        for registration in held:
+            fired(store.renew(registration, clock.seconds()))
+    assert len(store._deadlines) == 100  # one entry per registration, renewals or not
+    clock.advance(1)  # t=10: the first deadlines come due, all renewed meanwhile
+    assert store.evict_expired(clock.seconds(), 1000) == []
+    assert len(store) == 100 and len(store._deadlines) == 100
+    assert not store.due(clock.seconds())
+
+
+def test_stale_deadlines_count_toward_a_slice() -> None:
+    """A slice looks at ``batch`` deadlines at most, evicted or not, and says more are due."""
+    clock, store = Clock(), MemoryStore()
+    fill(store, 10, ttl=5)
+    for n in range(10):
+        fired(store.delete(fired(store.get("web", f"i{n}", 0))))
+    fill(store, 3, ttl=5, now=0.5)
+    assert store.evict_expired(5.5, 4) == []  # four stale entries looked at
+    assert store.due(5.5)
+    assert len(store.evict_expired(5.5, 100)) == 3
+    assert not store.due(5.5)
