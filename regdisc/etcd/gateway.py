@@ -303,7 +303,9 @@ class EtcdGateway:
         self._timeout = timeout
         policy = tls.policy() if tls is not None else BrowserLikePolicyForHTTPS()
         self._pool = _quiet(HTTPConnectionPool(reactor, persistent=True))
-        self._pool.maxPersistentPerHost = 8
+        # A busy node has many calls in flight; fewer idle connections than that
+        # would be closed and opened again (a TLS handshake each) under load.
+        self._pool.maxPersistentPerHost = 64
         self._http = HTTPClient(Agent(reactor, contextFactory=policy, pool=self._pool))
         # Watches last; on their own non-persistent pool, they never hold a
         # connection the calls would want back.
