@@ -63,6 +63,9 @@ from twisted.python.failure import Failure
 from regdisc import pki
 from regdisc.client.tls import ClientTLS
 
+# The process limits and CPU placement every benchmark shares.
+from .harness import cpu_placement, raise_nofile
+
 ROOT = Path(__file__).resolve().parent.parent
 
 WAIT = 600
@@ -224,32 +227,6 @@ def machine(server_cpu: object, load_cpu: object, nofile: int) -> dict[str, obje
 
 
 # Process limits and placement.
-
-
-def raise_nofile() -> int:
-    """Raise this process's open-files limit to its hard limit; return the new soft limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
-    for wanted in (target, 65536):
-        if wanted <= soft:
-            break
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-            return wanted
-        except (ValueError, OSError):
-            continue
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
-def cpu_placement() -> tuple[set[int] | None, set[int] | None]:
-    """The CPUs for the daemon and for this process: the first two we may use, if two."""
-    try:
-        allowed = sorted(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return None, None
-    if len(allowed) < 2:
-        return None, None
-    return {allowed[0]}, {allowed[1]}
 
 
 # The daemon.
