@@ -260,13 +260,22 @@ def quiet_logging() -> None:
                                      redirectStandardIO=False)
 
 
-def drive(coroutine: Any) -> Any:
-    """Run a coroutine that awaits only Deferreds that have already fired; return its result."""
+def drive(call: Any) -> Any:
+    """The result of a registry call over a MemoryStore: a coroutine that awaits
+    only Deferreds that have already fired, or a Deferred that has."""
+    if not hasattr(call, "send"):
+        outcome: list[Any] = []
+        call.addBoth(outcome.append)
+        if not outcome:
+            raise BenchError("a registry call did not complete at once over a MemoryStore")
+        if hasattr(outcome[0], "raiseException"):
+            outcome[0].raiseException()
+        return outcome[0]
     try:
-        coroutine.send(None)
+        call.send(None)
     except StopIteration as stop:
         return stop.value
-    coroutine.close()
+    call.close()
     raise BenchError("a registry call did not complete at once over a MemoryStore")
 
 

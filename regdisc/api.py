@@ -14,7 +14,7 @@ from random import Random
 from typing import Any, Callable
 
 from klein import Klein
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
@@ -106,13 +106,13 @@ class RegistryAPI:
         return _instance(request, instance)
 
     @app.route(_INSTANCE + "/heartbeat", methods=["PUT"])
-    async def heartbeat(self, request: IRequest, service: str, instance_id: str) -> bytes:
+    def heartbeat(self, request: IRequest, service: str, instance_id: str) -> Deferred[bytes]:
+        # Not a coroutine: this is the most frequent request (see `regdisc.resource`).
         _check_path(service, instance_id)
-        instance = await self._registry.heartbeat(
+        renewing = self._registry.heartbeat(
             service, instance_id, _bearer_token(request), self._peer_of(request)
         )
-        body = {"ttl": instance.ttl, "expires_at": rfc3339(instance.expires_at)}
-        return _data(request, body)
+        return renewing.addCallback(_renewed, request)
 
     @app.route(_INSTANCE + "/token", methods=["POST"])
     async def rotate(self, request: IRequest, service: str, instance_id: str) -> bytes:
@@ -143,22 +143,34 @@ class RegistryAPI:
         return _discovery(request, {"services": listed}, revision, self._registry.mirror_age())
 
     @app.route(_INSTANCES, methods=["GET"])
-    async def instances(self, request: IRequest, service: str) -> bytes:
+    def instances(self, request: IRequest, service: str) -> Deferred[bytes]:
+        # Not a coroutine: reads are the most frequent request with heartbeats.
         check_service(service)
-        status, tags, metadata = _filters(request)
+        filters = _filters(request)
         self._discovering(request)
-        await self._block(request, service)
+        blocking = self._block(request, service)
+        return blocking.addCallback(lambda _: self._listing(request, service, filters))
+
+    def _listing(
+        self, request: IRequest, service: str, filters: tuple[str | None, tuple[str, ...], dict[str, str]]
+    ) -> bytes | Deferred[bytes]:
+        """The live instances of ``service`` that pass ``filters``, rendered once per change."""
         revision = self._registry.revision(service)
+        status, tags, metadata = filters
         key = (service, status, tags, tuple(sorted(metadata.items())))
         version = self._registry.version(service)
         answer = self._answers.get(key, version, self._registry.clock.seconds())
-        if answer is None:
-            found = await self._registry.instances(service, status, tags, metadata)
+        if answer is not None:
+            return _answer(request, answer, revision, self._registry.mirror_age())
+
+        def rendered(found: list[Instance]) -> bytes:
             body = {"service": service, "instances": [i.to_json() for i in found]}
             ends = min((i.expires_at for i in found), default=math.inf)
             answer = render(body, version, ends)
             self._answers.put(key, answer)
-        return _answer(request, answer, revision, self._registry.mirror_age())
+            return _answer(request, answer, revision, self._registry.mirror_age())
+
+        return self._registry.instances(service, status, tags, metadata).addCallback(rendered)
 
     @app.route(_INSTANCE, methods=["GET"])
     async def instance(self, request: IRequest, service: str, instance_id: str) -> bytes:
@@ -181,21 +193,30 @@ class RegistryAPI:
         """Refuse discovery before the registry has loaded its state."""
         self._registry.check_ready()
 
-    async def _block(self, request: IRequest, service: str | None) -> None:
+    def _block(self, request: IRequest, service: str | None) -> Deferred[None]:
         """Hold a blocking query (``?index=N&wait=30s``) until a change or its time is up."""
         index = _index(request)
         if index is None:
-            return
+            return succeed(None)
         wait = _wait(request)
-        await self._registry.wait_for_change(
-            service, index, wait + self._random.uniform(0, wait / 16)
+        return Deferred.fromCoroutine(
+            self._registry.wait_for_change(service, index, wait + self._random.uniform(0, wait / 16))
         )
 
-    # Failures, in the order Klein tries them.
+    def failed(self, request: IRequest, failure: Failure) -> bytes:
+        """The answer to a request whose handler failed with ``failure``."""
+        if failure.check(ApiError):
+            return _error(request, failure.value)
+        self.log.failure(
+            "unexpected error answering {method} {path}",
+            failure,
+            event="http.internal_error",
+            method=request.method.decode("ascii", "replace"),
+            path=request.path.decode("utf-8", "replace"),
+        )
+        return _error(request, ApiError("internal error"))
 
-    @app.handle_errors(ApiError)
-    def _api_error(self, request: IRequest, failure: Failure) -> bytes:
-        return _error(request, failure.value)
+    # Failures, in the order Klein tries them.
 
     @app.handle_errors(http.NotFound)
     def _not_found(self, request: IRequest, failure: Failure) -> bytes:
@@ -209,15 +230,8 @@ class RegistryAPI:
         return _error(request, MethodNotAllowed(f"{method} is not allowed here", {"allowed": allowed}))
 
     @app.handle_errors(Exception)
-    def _internal_error(self, request: IRequest, failure: Failure) -> bytes:
-        self.log.failure(
-            "unexpected error answering {method} {path}",
-            failure,
-            event="http.internal_error",
-            method=request.method.decode("ascii", "replace"),
-            path=request.path.decode("utf-8", "replace"),
-        )
-        return _error(request, ApiError("internal error"))
+    def _failed(self, request: IRequest, failure: Failure) -> bytes:
+        return self.failed(request, failure)
 
 
 def _check_path(service: str, instance_id: str) -> None:
@@ -273,6 +287,10 @@ def _wait(request: IRequest) -> float:
             "invalid wait", {"wait": "a duration such as 30s, 500ms or 5m, at most 10m"}
         )
     return min(MAX_WAIT, int(match[1]) * _WAIT_UNITS[match[2]])
+
+
+def _renewed(instance: Instance, request: IRequest) -> bytes:
+    return _data(request, {"ttl": instance.ttl, "expires_at": rfc3339(instance.expires_at)})
 
 
 def _instance(request: IRequest, instance: Instance) -> bytes:

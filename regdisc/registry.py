@@ -7,12 +7,13 @@ checks tokens, applies the rules of `model` and logs each lifecycle event.
 from __future__ import annotations
 
 import uuid
-from typing import Any, Awaitable, Callable, Mapping, TypeVar
+from typing import Any, Callable, Mapping, TypeVar
 
 import attrs
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from .errors import ApiError, BackendUnavailable, Conflict, InstanceExists, InstanceNotFound, TokenExpired, Unauthorized
 from .feed import ChangeFeed
@@ -100,13 +101,13 @@ class Registry:
         if token is not None and token_matches(token, held.token_hash) and now < held.expires_at:
             instance = _from_spec(service, instance_id, spec, existing.instance.registered_at, now)
             stored = await self._store.replace(existing, attrs.evolve(existing, instance=instance))
-            self._logged("updated", stored.instance, peer)
+            self._logged(stored.instance, "updated", peer)
             return Issued(stored.instance, token, held.expires_at, "updated")
         if peer is not None and held.registrant == peer.fingerprint:
             fresh, credentials = self._credentials(peer, now)
             instance = _from_spec(service, instance_id, spec, now, now)
             stored = await self._store.replace(existing, Registration(instance, credentials))
-            self._logged("reregistered", stored.instance, peer)
+            self._logged(stored.instance, "reregistered", peer)
             return Issued(stored.instance, fresh, credentials.expires_at, "reregistered")
         self.log.info(
             "refused to register {service}/{instance_id}: already registered by another client",
@@ -120,72 +121,73 @@ class Registry:
             {"id": instance_id},
         )
 
-    async def update(
+    # The writes below return Deferreds rather than being coroutines: they
+    # are the most frequent requests, and over the in-memory store their
+    # Deferreds have fired by the time they return, at a fraction of a
+    # coroutine's cost.
+
+    def update(
         self,
         service: str,
         instance_id: str,
         changes: Mapping[str, Any],
         token: str | None,
         peer: Peer | None,
-    ) -> Instance:
+    ) -> Deferred[Instance]:
         """Change the named fields of an instance; the lease is renewed too."""
 
-        async def attempt(current: Registration, now: float) -> Instance:
+        def attempt(current: Registration, now: float) -> Deferred[Instance]:
             instance = attrs.evolve(current.instance, **changes).renewed(now)
-            stored = await self._store.replace(current, attrs.evolve(current, instance=instance))
-            return stored.instance
+            replaced = self._store.replace(current, attrs.evolve(current, instance=instance))
+            return replaced.addCallback(lambda stored: stored.instance)
 
-        instance = await self._authorized_write(service, instance_id, token, peer, attempt)
-        self._logged("updated", instance, peer)
-        return instance
+        updating = self._authorized_write(service, instance_id, token, peer, attempt)
+        return updating.addCallback(self._logged, "updated", peer)
 
-    async def heartbeat(
+    def heartbeat(
         self, service: str, instance_id: str, token: str | None, peer: Peer | None
-    ) -> Instance:
-        """Renew an instance's lease for a full TTL."""
+    ) -> Deferred[Instance]:
+        """Renew an instance's lease for a full TTL; fire with the renewed instance."""
+        return self._authorized_write(service, instance_id, token, peer, self._store.renew)
 
-        async def attempt(current: Registration, now: float) -> Instance:
-            return await self._store.renew(current, now)
-
-        return await self._authorized_write(service, instance_id, token, peer, attempt)
-
-    async def rotate(
+    def rotate(
         self, service: str, instance_id: str, token: str | None, peer: Peer | None
-    ) -> tuple[str, float]:
+    ) -> Deferred[tuple[str, float]]:
         """Replace an instance's token; the old one stops working at once."""
 
-        async def attempt(current: Registration, now: float) -> tuple[str, float]:
+        def attempt(current: Registration, now: float) -> Deferred[tuple[str, float]]:
             fresh = new_token()
             credentials = attrs.evolve(
                 current.credentials,
                 token_hash=hash_token(fresh),
                 expires_at=now + self._token_ttl,
             )
-            await self._store.replace(current, attrs.evolve(current, credentials=credentials))
-            return fresh, credentials.expires_at
+            replaced = self._store.replace(current, attrs.evolve(current, credentials=credentials))
+            return replaced.addCallback(lambda _: (fresh, credentials.expires_at))
 
-        rotated = await self._authorized_write(service, instance_id, token, peer, attempt)
-        self.log.info(
-            "rotated the token of {service}/{instance_id}",
-            event="instance.token_rotated",
-            service=service,
-            instance_id=instance_id,
-            **_peer_fields(peer),
-        )
-        return rotated
+        def rotated(result: tuple[str, float]) -> tuple[str, float]:
+            self.log.info(
+                "rotated the token of {service}/{instance_id}",
+                event="instance.token_rotated",
+                service=service,
+                instance_id=instance_id,
+                **_peer_fields(peer),
+            )
+            return result
 
-    async def deregister(
+        rotating = self._authorized_write(service, instance_id, token, peer, attempt)
+        return rotating.addCallback(rotated)
+
+    def deregister(
         self, service: str, instance_id: str, token: str | None, peer: Peer | None
-    ) -> Instance:
+    ) -> Deferred[Instance]:
         """Remove an instance; fire with it as it was."""
 
-        async def attempt(current: Registration, now: float) -> Instance:
-            await self._store.delete(current)
-            return current.instance
+        def attempt(current: Registration, now: float) -> Deferred[Instance]:
+            return self._store.delete(current).addCallback(lambda _: current.instance)
 
-        instance = await self._authorized_write(service, instance_id, token, peer, attempt)
-        self._logged("deregistered", instance, peer)
-        return instance
+        removing = self._authorized_write(service, instance_id, token, peer, attempt)
+        return removing.addCallback(self._logged, "deregistered", peer)
 
     # The discovery surface.
 
@@ -218,18 +220,18 @@ class Registry:
         """Each service with a live instance, by name, with its count."""
         return await self._store.services(self._clock.seconds())
 
-    async def instances(
+    def instances(
         self,
         service: str,
         status: str | None = None,
         tags: tuple[str, ...] = (),
         metadata: Mapping[str, str] | None = None,
-    ) -> list[Instance]:
+    ) -> Deferred[list[Instance]]:
         """The live instances of a service that pass every filter."""
-        live = await self._store.instances(service, self._clock.seconds())
+        live = self._store.instances(service, self._clock.seconds())
         if status is None and not tags and not metadata:
             return live
-        return [i for i in live if i.matches(status, tags, metadata)]
+        return live.addCallback(lambda found: [i for i in found if i.matches(status, tags, metadata)])
 
     def version(self, service: str) -> int:
         """Changes whenever anything of ``service`` changes, renewals included."""
@@ -237,8 +239,8 @@ class Registry:
 
     async def instance(self, service: str, instance_id: str) -> Instance:
         """One live instance, or `InstanceNotFound`."""
-        found = await self._live(service, instance_id, self._clock.seconds())
-        return found.instance
+        found = await self._store.get(service, instance_id, self._clock.seconds())
+        return _live(found, service, instance_id).instance
 
     # Helpers.
 
@@ -248,7 +250,7 @@ class Registry:
         token, credentials = self._credentials(peer, now)
         instance = _from_spec(service, instance_id, spec, now, now)
         stored = await self._store.create(Registration(instance, credentials), now)
-        self._logged("registered", stored.instance, peer)
+        self._logged(stored.instance, "registered", peer)
         return Issued(stored.instance, token, credentials.expires_at, "created")
 
     def _credentials(self, peer: Peer | None, now: float) -> tuple[str, Credentials]:
@@ -256,33 +258,31 @@ class Registry:
         registrant = peer.fingerprint if peer is not None else None
         return token, Credentials(hash_token(token), now + self._token_ttl, registrant)
 
-    async def _live(self, service: str, instance_id: str, now: float) -> Registration:
-        found = await self._store.get(service, instance_id, now)
-        if found is None:
-            raise InstanceNotFound(
-                f"no live instance {instance_id!r} of {service!r}; register it again",
-                {"service": service, "id": instance_id},
-            )
-        return found
-
-    async def _authorized_write(
+    def _authorized_write(
         self,
         service: str,
         instance_id: str,
         token: str | None,
         peer: Peer | None,
-        attempt: Callable[[Registration, float], Awaitable[T]],
-    ) -> T:
+        attempt: Callable[[Registration, float], Deferred[T]],
+        attempts: int = _ATTEMPTS,
+    ) -> Deferred[T]:
         """Read the instance, check the token, then write; retry on `Conflict`."""
-        for _ in range(_ATTEMPTS):
-            now = self._clock.seconds()
-            current = await self._live(service, instance_id, now)
+        now = self._clock.seconds()
+
+        def authorized(found: Registration | None) -> Deferred[T]:
+            current = _live(found, service, instance_id)
             self._authorize(current, token, peer, now)
-            try:
-                return await attempt(current, now)
-            except Conflict:
-                continue
-        raise BackendBusy("the instance kept changing; try again")
+            return attempt(current, now)
+
+        def retried(failure: Failure) -> Deferred[T]:
+            failure.trap(Conflict)
+            if attempts <= 1:
+                raise BackendBusy("the instance kept changing; try again")
+            return self._authorized_write(service, instance_id, token, peer, attempt, attempts - 1)
+
+        writing = self._store.get(service, instance_id, now)
+        return writing.addCallback(authorized).addErrback(retried)
 
     def _authorize(
         self, current: Registration, token: str | None, peer: Peer | None, now: float
@@ -305,7 +305,7 @@ class Registry:
             )
             raise error
 
-    def _logged(self, what: str, instance: Instance, peer: Peer | None) -> None:
+    def _logged(self, instance: Instance, what: str, peer: Peer | None) -> Instance:
         self.log.info(
             what + " {service}/{instance_id} at {host}:{port}",
             event="instance." + what,
@@ -317,6 +317,16 @@ class Registry:
             ttl=instance.ttl,
             **_peer_fields(peer),
         )
+        return instance
+
+
+def _live(found: Registration | None, service: str, instance_id: str) -> Registration:
+    if found is None:
+        raise InstanceNotFound(
+            f"no live instance {instance_id!r} of {service!r}; register it again",
+            {"service": service, "id": instance_id},
+        )
+    return found
 
 
 def _from_spec(

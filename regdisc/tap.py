@@ -15,6 +15,7 @@ from twisted.python import usage
 from twisted.python.components import Componentized
 
 from .api import RegistryAPI
+from .resource import APIResource
 from .client.tls import ClientTLS, ClientTLSError
 from .config import SETTINGS, Config, ConfigError, EtcdSettings, load_config
 from .etcd.gateway import EtcdGateway
@@ -91,7 +92,7 @@ def make_service(config: Config, reactor: Any, stream: IO[str] = sys.stdout) -> 
         store.setServiceParent(root)
     registry = Registry(store, reactor, config.token_ttl)
     api = RegistryAPI(registry, config.ttl, peer_from_request)
-    site = RegistrySite(api.app.resource(), reactor=reactor)
+    site = RegistrySite(APIResource(api), reactor=reactor)
 
     endpoint = serverFromString(reactor, config.listen)
     https = HTTPSService(endpoint, tls_factory(tls_options, site))

@@ -126,17 +126,25 @@ def tls_factory(options: CertificateOptions, factory: IProtocolFactory) -> TLSMe
 
 @implementer(IHandshakeListener)
 class _PeerRecordingProtocol(ProtocolWrapper):
-    """Learns the peer once per connection, when the handshake has completed."""
+    """Knows the verified peer of its connection once the handshake has completed."""
 
-    peer: Peer | None = None
+    _handshaken = False
+    _peer: Peer | None = None
 
     def handshakeCompleted(self) -> None:
-        cert = self.transport.getPeerCertificate()
-        if cert is not None:
-            self.peer = peer_of(cert.to_cryptography(), _address(self.transport.getPeer()))
+        self._handshaken = True
+
+    @property
+    def peer(self) -> Peer | None:
+        """The verified client; worked out on first use, as most connections never need it."""
+        if self._peer is None and self._handshaken:
+            cert = self.transport.getPeerCertificate()
+            if cert is not None:
+                self._peer = peer_of(cert.to_cryptography(), _address(self.transport.getPeer()))
+        return self._peer
 
     def connectionLost(self, reason: Failure) -> None:
-        if self.peer is None and reason.check(SSL.Error):
+        if not self._handshaken and reason.check(SSL.Error):
             text = describe_ssl_error(reason.value)
             why = _VERIFY_ERRORS.get(getattr(self.transport, "regdisc_verify_error", None))
             log.warn(

@@ -20,6 +20,7 @@ from twisted.internet.task import Clock, deferLater
 from twisted.logger import capturedLogs
 
 from regdisc.api import MAX_BODY, RegistryAPI
+from regdisc.resource import APIResource
 from regdisc.model import Instance, Peer
 from regdisc.registry import Registry
 from regdisc.store import MemoryStore
@@ -66,7 +67,7 @@ class Client:
     """
 
     def __init__(self, api: RegistryAPI, peers: dict[str, Peer | None]) -> None:
-        self._treq = StubTreq(api.app.resource())
+        self._treq = StubTreq(APIResource(api))
         self.peers = peers
 
     def as_peer(self, peer: Peer | None) -> Client:

@@ -11,6 +11,7 @@ from treq.testing import StubTreq
 from twisted.internet.task import Clock
 
 from regdisc.api import RegistryAPI
+from regdisc.resource import APIResource
 from regdisc.registry import Registry
 from regdisc.store import MemoryStore
 
@@ -34,7 +35,7 @@ class Jitterless(Random):
 
 @pytest.fixture
 def treq(registry: Registry) -> StubTreq:
-    return StubTreq(RegistryAPI(registry, BOUNDS, lambda r: None, random=Jitterless()).app.resource())
+    return StubTreq(APIResource(RegistryAPI(registry, BOUNDS, lambda r: None, random=Jitterless())))
 
 
 def register(treq: StubTreq, service: str = "web", **fields: Any) -> str:
@@ -136,7 +137,7 @@ def test_jitter_stays_within_a_sixteenth(registry: Registry, clock: Clock) -> No
         def uniform(self, a: float, b: float) -> float:
             return b
 
-    treq = StubTreq(RegistryAPI(registry, BOUNDS, lambda r: None, random=Highest()).app.resource())
+    treq = StubTreq(APIResource(RegistryAPI(registry, BOUNDS, lambda r: None, random=Highest())))
     held = hold(treq, "/services/web/instances", index="0", wait="16s")
     clock.advance(16.99)
     treq.flush()

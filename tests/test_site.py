@@ -10,6 +10,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from regdisc.api import MAX_BODY, RegistryAPI
+from regdisc.resource import APIResource
 from regdisc.registry import Registry
 from regdisc.site import BoundedRequest, RegistrySite
 from regdisc.store import MemoryStore
@@ -20,7 +21,7 @@ from .conftest import BOUNDS, TOKEN_TTL
 @pytest.fixture
 def site(clock: Clock) -> RegistrySite:
     api = RegistryAPI(Registry(MemoryStore(), clock, TOKEN_TTL), BOUNDS, lambda request: None)
-    return RegistrySite(api.app.resource(), reactor=clock)
+    return RegistrySite(APIResource(api), reactor=clock)
 
 
 def exchange(site: RegistrySite, raw: bytes) -> tuple[int, dict]:

@@ -18,6 +18,7 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from regdisc import stream
 from regdisc.api import RegistryAPI
+from regdisc.resource import APIResource
 from regdisc.feed import Change, ChangeFeed
 from regdisc.lease import LeaseService
 from regdisc.model import Instance, Peer
@@ -134,7 +135,7 @@ class World:
         store = MemoryStore(feed)
         registry = Registry(store, clock, TOKEN_TTL)
         api = RegistryAPI(registry, BOUNDS, lambda request: ALICE)
-        return cls(clock, feed, store, registry, RegistrySite(api.app.resource(), reactor=clock))
+        return cls(clock, feed, store, registry, RegistrySite(APIResource(api), reactor=clock))
 
     def open(self, query: str = "", headers: dict[str, str] | None = None, method: str = "GET") -> Connection:
         return Connection(self.site, "/registry/events" + query, headers or {}, method)
