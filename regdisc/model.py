@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from datetime import datetime, timezone
+from types import MappingProxyType
 from typing import Any, Mapping
 
 import attrs
@@ -27,6 +29,33 @@ STATUSES = ("up", "starting", "down", "out_of_service")
 """Every status an instance may have; ``up`` is the default."""
 
 
+SHARED_VALUES = 4096
+"""How many distinct metadata mappings, and tag tuples, `shared_metadata` and
+`shared_tags` remember."""
+
+
+def shared_metadata(metadata: Mapping[str, str]) -> Mapping[str, str]:
+    """A read-only mapping equal to ``metadata`` (same order too), the same object
+    for equal ones among the last `SHARED_VALUES` distinct mappings.
+
+    The instances of a service mostly carry the same metadata, and a dict of
+    their own would cost each about 200 bytes.
+    """
+    return _shared_metadata(tuple(metadata.items()))
+
+
+@functools.lru_cache(maxsize=SHARED_VALUES)
+def _shared_metadata(items: tuple[tuple[str, str], ...]) -> Mapping[str, str]:
+    return MappingProxyType(dict(items))
+
+
+@functools.lru_cache(maxsize=SHARED_VALUES)
+def shared_tags(tags: tuple[str, ...]) -> tuple[str, ...]:
+    """``tags``, or an equal tuple met before: one tuple for the many instances
+    that carry the same tags."""
+    return tags
+
+
 def rfc3339(timestamp: float) -> str:
     """Format POSIX seconds as an RFC 3339 UTC timestamp with milliseconds."""
     moment = datetime.fromtimestamp(timestamp, tz=timezone.utc)
@@ -38,7 +67,7 @@ def from_rfc3339(text: str) -> float:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
-@attrs.frozen
+@attrs.frozen(weakref_slot=False)
 class Instance:
     """One live service instance as discovery shows it.
 
@@ -115,7 +144,7 @@ class Instance:
         )
 
 
-@attrs.frozen
+@attrs.frozen(weakref_slot=False)
 class Credentials:
     """What proves the right to change an instance; never shown or logged.
 
@@ -128,7 +157,7 @@ class Credentials:
     registrant: str | None = None
 
 
-@attrs.frozen
+@attrs.frozen(weakref_slot=False)
 class Registration:
     """An instance with its credentials, as a store keeps it.
 
@@ -157,7 +186,7 @@ def change_kind(old: Instance, new: Instance) -> str | None:
     return None
 
 
-@attrs.frozen
+@attrs.frozen(weakref_slot=False)
 class Peer:
     """The client at the other end of a connection, as its verified certificate shows it."""
 

@@ -76,10 +76,10 @@ class MemoryStore:
         self._services: dict[str, dict[str, Registration]] = {}
         self._count = 0
         self._versions: dict[str, int] = {}
-        # (deadline, service, id): one live entry per registration, whose
-        # deadline _scheduled keeps; entries that no longer match it are stale.
-        self._deadlines: list[tuple[float, str, str]] = []
-        self._scheduled: dict[tuple[str, str], float] = {}
+        # (deadline, service, id, revision): each write adds an entry for the
+        # registration it stores, which is live while the revision is still
+        # the registration's; a renewal keeps the revision, and adds nothing.
+        self._deadlines: list[tuple[float, str, str, int]] = []
 
     def version(self, service: str) -> int:
         return self._versions.get(service, 0)
@@ -122,6 +122,8 @@ class MemoryStore:
         if not self._holds(current):
             return fail(Conflict(current.key))
         renewed = current.instance.renewed(now)
+        # Same revision: the heap entry stays, and is put back at the new end
+        # when it comes due.
         self._store(attrs.evolve(current, instance=renewed))
         return succeed(renewed)
 
@@ -150,27 +152,24 @@ class MemoryStore:
         """Remove the registrations whose lease ended by ``now``, looking at ``limit``
         deadlines at most; `due` then says whether more are waiting.
 
-        Each registration has one deadline in the heap. A renewal leaves it be;
-        when it comes due, a lease that was renewed meanwhile is simply put back
-        at its new end. So the work follows the deadlines that pass (about one
+        Each registration has one live deadline in the heap. A renewal leaves it
+        be; when it comes due, a lease that was renewed meanwhile is simply put
+        back at its new end. So the work follows the deadlines that pass (about one
         per registration per TTL), not the renewals nor the registrations held.
         Returns the evicted instances, earliest deadline first.
         """
         evicted: list[Instance] = []
-        deadlines, scheduled = self._deadlines, self._scheduled
+        deadlines = self._deadlines
         for _ in range(limit):
             if not deadlines or deadlines[0][0] > now:
                 break
-            deadline, service, instance_id = heapq.heappop(deadlines)
-            key = (service, instance_id)
-            if scheduled.get(key) != deadline:
-                continue  # left behind by a deregistration or a shortened lease
+            _, service, instance_id, revision = heapq.heappop(deadlines)
             found = self._lookup(service, instance_id)
-            assert found is not None
+            if found is None or found.revision != revision:
+                continue  # left behind by a deregistration or a later write
             if found.instance.is_live(now):
-                self._schedule(key, found.instance.expires_at)
+                self._schedule(found)  # renewed since: due again at its new end
                 continue
-            del scheduled[key]
             self._remove(service, instance_id)
             self.feed.record("evicted", found.instance)
             evicted.append(found.instance)
@@ -187,8 +186,11 @@ class MemoryStore:
         return found is not None and found.revision == registration.revision
 
     def _put(self, registration: Registration) -> Registration:
+        """Store a write: a new revision, and its deadline in the heap."""
         stored = attrs.evolve(registration, revision=self.feed.advance())
         self._store(stored)
+        self._schedule(stored)
+        self._compact()
         return stored
 
     def _store(self, registration: Registration) -> None:
@@ -198,32 +200,36 @@ class MemoryStore:
             self._count += 1
         held[instance.id] = registration
         self._versions[instance.service] = self._versions.get(instance.service, 0) + 1
-        key = (instance.service, instance.id)
-        scheduled = self._scheduled.get(key)
-        # A later end waits for the deadline already in the heap to come due;
-        # only an earlier one (a new registration, a shorter TTL) needs its own.
-        if scheduled is None or instance.expires_at < scheduled:
-            self._schedule(key, instance.expires_at)
-            self._compact()
 
-    def _schedule(self, key: tuple[str, str], deadline: float) -> None:
-        self._scheduled[key] = deadline
-        heapq.heappush(self._deadlines, (deadline, *key))
+    def _schedule(self, registration: Registration) -> None:
+        heapq.heappush(self._deadlines, _deadline(registration))
 
     def _remove(self, service: str, instance_id: str) -> None:
         held = self._services[service]
-        del held[instance_id]
-        # Its heap entry, if any, is dropped when it comes due.
-        self._scheduled.pop((service, instance_id), None)
+        del held[instance_id]  # its heap entry is dropped when it comes due
         self._versions[service] = self._versions.get(service, 0) + 1
         self._count -= 1
         if not held:
             del self._services[service]
 
     def _compact(self) -> None:
-        # Deregistrations and shortened leases leave stale entries until they
-        # come due; rebuilding once they outnumber the live ones keeps memory
+        # Each write leaves the entry of the one before it in the heap until it
+        # comes due; rebuilding once they outnumber the live ones keeps memory
         # bounded at an amortised O(1) cost.
         if len(self._deadlines) > 2 * self._count + 64:
-            self._deadlines = [(d, *key) for key, d in self._scheduled.items()]
-            heapq.heapify(self._deadlines)
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        """Make the heap anew from the live entries alone."""
+        self._deadlines = [
+            _deadline(registration)
+            for held in self._services.values()
+            for registration in held.values()
+        ]
+        heapq.heapify(self._deadlines)
+
+
+def _deadline(registration: Registration) -> tuple[float, str, str, int]:
+    """The heap entry of a registration: when its lease ends, its key, its revision."""
+    instance = registration.instance
+    return (instance.expires_at, instance.service, instance.id, registration.revision)

@@ -23,6 +23,8 @@ from .model import (
     METADATA_KEY,
     SERVICE_NAME,
     STATUSES,
+    shared_metadata,
+    shared_tags,
 )
 
 _HOST_LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
@@ -195,7 +197,7 @@ def check_status_filter(value: str) -> str:
         raise InvalidRequest("invalid status filter", {"status": str(e)}) from None
 
 
-def _check_metadata(value: object) -> dict[str, str]:
+def _check_metadata(value: object) -> Mapping[str, str]:
     if not isinstance(value, dict):
         raise ValueError("must be an object of strings")
     if len(value) > MAX_METADATA_ENTRIES:
@@ -209,9 +211,9 @@ def _check_metadata(value: object) -> dict[str, str]:
             raise ValueError(
                 f"value of {key!r}: must be a string of at most {MAX_METADATA_VALUE} characters"
             )
-    # Interned: the same keys and values recur across instances, and each
-    # copy would otherwise cost its own 50-odd bytes.
-    return {sys.intern(k): sys.intern(v) for k, v in value.items()}
+    # Interned, and shared when equal: the same keys and values recur across
+    # instances, and each copy would otherwise cost its own 50-odd bytes.
+    return shared_metadata({sys.intern(k): sys.intern(v) for k, v in value.items()})
 
 
 def _check_tags(value: object) -> tuple[str, ...]:
@@ -228,4 +230,4 @@ def _check_tags(value: object) -> tuple[str, ...]:
             raise ValueError(
                 f"each tag must be a printable string of 1 to {MAX_TAG_LENGTH} characters"
             )
-    return tuple(sys.intern(tag) for tag in dict.fromkeys(value))
+    return shared_tags(tuple(sys.intern(tag) for tag in dict.fromkeys(value)))

@@ -10,7 +10,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from regdisc.errors import InvalidRequest
-from regdisc.model import INSTANCE_ID, SERVICE_NAME, STATUSES, Instance, rfc3339
+from regdisc.model import INSTANCE_ID, SERVICE_NAME, STATUSES, Instance, rfc3339, shared_metadata, shared_tags
 from regdisc.validation import (
     TTLBounds,
     check_service,
@@ -113,3 +113,20 @@ def test_a_trailing_newline_is_no_loophole(body: dict[str, Any], field: str) -> 
     with pytest.raises(InvalidRequest) as raised:
         parse_registration(body, BOUNDS)
     assert field in raised.value.details
+
+
+def test_equal_metadata_and_tags_are_shared_and_read_only() -> None:
+    """Instances sent the same metadata and tags hold one read-only mapping and one tuple."""
+    first = parse_registration({"host": "a", "port": 1, "metadata": {"zone": "a", "v": "1"}, "tags": ["x", "y"]}, BOUNDS)
+    second = parse_registration({"host": "b", "port": 2, "metadata": {"zone": "a", "v": "1"}, "tags": ["x", "y"]}, BOUNDS)
+    assert first.metadata is second.metadata and first.tags is second.tags
+    assert first.metadata == {"zone": "a", "v": "1"}
+    with pytest.raises(TypeError):
+        first.metadata["zone"] = "b"  # type: ignore[index]
+
+
+def test_shared_metadata_keeps_the_order_sent() -> None:
+    """Mappings that differ only in order stay apart, so each answer shows the order it was sent in."""
+    assert list(shared_metadata({"a": "1", "b": "2"})) == ["a", "b"]
+    assert list(shared_metadata({"b": "2", "a": "1"})) == ["b", "a"]
+    assert shared_tags(("x",)) is shared_tags(tuple(["x"]))

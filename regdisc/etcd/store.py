@@ -28,7 +28,7 @@ from zope.interface import implementer
 
 from ..errors import BackendUnavailable, Conflict, InstanceExists
 from ..feed import ChangeFeed
-from ..model import Credentials, Instance, Registration, change_kind
+from ..model import Credentials, Instance, Registration, change_kind, shared_metadata, shared_tags
 from ..store import IStore
 from .gateway import (
     Compacted,
@@ -415,8 +415,8 @@ def _decode(kv: KeyValue) -> LeasedRegistration | None:
         host=record["host"],
         port=record["port"],
         status=record["status"],
-        metadata=record["metadata"],
-        tags=tuple(record["tags"]),
+        metadata=shared_metadata(record["metadata"]),
+        tags=shared_tags(tuple(record["tags"])),
         ttl=record["ttl"],
         registered_at=record["registered_at"],
         last_heartbeat_at=record["last_heartbeat_at"],
