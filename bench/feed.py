@@ -64,7 +64,7 @@ from regdisc import pki
 from regdisc.client.tls import ClientTLS
 
 # The process limits and CPU placement every benchmark shares.
-from .harness import cpu_placement, raise_nofile
+from .harness import cpu_placement, figure_table, raise_nofile, shown
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -173,15 +173,9 @@ class Report:
             f"open files limit {m['nofile']}",
             "",
         ]
-        width = max([len(f.name) for f in self.figures] + [6])
-        values = [_shown(f.value) for f in self.figures]
-        vwidth = max([len(v) for v in values] + [5])
-        uwidth = max([len(f.unit) for f in self.figures] + [4])
-        lines.append(f"{'figure':<{width}}  {'value':>{vwidth}}  {'unit':<{uwidth}}  meaning")
-        lines.append(f"{'-' * width}  {'-' * vwidth}  {'-' * uwidth}  {'-' * 7}")
-        for figure, value in zip(self.figures, values):
-            unit = f"{figure.unit:<{uwidth}}"
-            lines.append(f"{figure.name:<{width}}  {value:>{vwidth}}  {unit}  {figure.meaning}")
+        lines.extend(figure_table(
+            (None, f.name, shown(f.value), f.unit, f.meaning) for f in self.figures
+        ))
         for problem in self.problems:
             lines.append(f"PROBLEM: {problem}")
         lines.append("")
@@ -189,9 +183,6 @@ class Report:
         lines.extend(json.dumps(f.to_json()) for f in self.figures)
         return "\n".join(lines)
 
-
-def _shown(value: float | int) -> str:
-    return f"{value:,}" if isinstance(value, int) else f"{value:,.3f}"
 
 
 def percentile(values: Sequence[float], fraction: float) -> float:

@@ -38,7 +38,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -129,26 +129,32 @@ class Report:
         figures = self.ordered()
         if not figures:
             return "(no figures)"
-        width = max(len(f.name) for f in figures)
-        values = [shown(f.value, f.skipped) for f in figures]
-        vwidth = max(5, *(len(v) for v in values))
-        uwidth = max(4, *(len(f.unit) for f in figures))
-        lines = [
-            f"{'figure':<{width}}  {'value':>{vwidth}}  {'unit':<{uwidth}}  meaning",
-            f"{'-' * width}  {'-' * vwidth}  {'-' * uwidth}  {'-' * 7}",
-        ]
-        bench = None
-        for figure, value in zip(figures, values):
-            if figure.bench != bench:
-                bench = figure.bench
-                lines.append(f"[{bench}]")
-            lines.append(
-                f"{figure.name:<{width}}  {value:>{vwidth}}  {figure.unit:<{uwidth}}  {figure.meaning}"
-            )
-        return "\n".join(lines)
+        return "\n".join(figure_table(
+            (f.bench, f.name, shown(f.value, f.skipped), f.unit, f.meaning) for f in figures
+        ))
 
     def json_lines(self) -> list[str]:
         return [json.dumps(f.to_json()) for f in self.ordered()]
+
+
+def figure_table(rows: Iterable[tuple[str | None, str, str, str, str]]) -> list[str]:
+    """Aligned lines of ``(section, name, shown value, unit, meaning)`` rows, under a
+    heading, with a ``[section]`` line wherever the section changes (None: no line)."""
+    rows = list(rows)
+    width = max([len(row[1]) for row in rows] + [6])
+    vwidth = max([len(row[2]) for row in rows] + [5])
+    uwidth = max([len(row[3]) for row in rows] + [4])
+    lines = [
+        f"{'figure':<{width}}  {'value':>{vwidth}}  {'unit':<{uwidth}}  meaning",
+        f"{'-' * width}  {'-' * vwidth}  {'-' * uwidth}  {'-' * 7}",
+    ]
+    section = None
+    for row_section, name, value, unit, meaning in rows:
+        if row_section is not None and row_section != section:
+            section = row_section
+            lines.append(f"[{section}]")
+        lines.append(f"{name:<{width}}  {value:>{vwidth}}  {unit:<{uwidth}}  {meaning}")
+    return lines
 
 
 def shown(value: float | int | None, skipped: str | None = None) -> str:

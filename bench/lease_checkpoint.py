@@ -65,6 +65,8 @@ from tests.etcd_harness import (
     free_ports,
 )
 
+from .harness import figure_table, shown
+
 BENCH = "lease_checkpoint"
 
 POLL_STEP = 0.05
@@ -200,21 +202,9 @@ class Report:
             f"checkpoint interval flag: {s['interval_flag'] or 'none accepted'}",
             "",
         ]
-        width = max([len(f.name) for f in self.figures] + [6])
-        values = [f"{f.value:,.3f}" if isinstance(f.value, float) else f"{f.value:,}"
-                  for f in self.figures]
-        vwidth = max([len(v) for v in values] + [5])
-        uwidth = max([len(f.unit) for f in self.figures] + [4])
-        lines.append(f"{'figure':<{width}}  {'value':>{vwidth}}  {'unit':<{uwidth}}  meaning")
-        lines.append(f"{'-' * width}  {'-' * vwidth}  {'-' * uwidth}  {'-' * 7}")
-        mode = None
-        for figure, value in zip(self.figures, values):
-            if figure.mode != mode:
-                mode = figure.mode
-                lines.append(f"[{mode}]")
-            lines.append(
-                f"{figure.name:<{width}}  {value:>{vwidth}}  {figure.unit:<{uwidth}}  {figure.meaning}"
-            )
+        lines.extend(figure_table(
+            (f.mode, f.name, shown(f.value), f.unit, f.meaning) for f in self.figures
+        ))
         for problem in self.problems:
             lines.append(f"PROBLEM: {problem}")
         lines.append("")

@@ -58,7 +58,6 @@ from __future__ import annotations
 import argparse
 import base64
 import gc
-import heapq
 import hashlib
 import json
 import math
@@ -76,6 +75,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import attrs
+
+from .harness import figure_table, shown
 
 BENCH = "memory"
 ROOT = Path(__file__).resolve().parent.parent
@@ -156,15 +157,9 @@ class Report:
             f"Python {m['python']}, Twisted {m['twisted']}, kernel {m['kernel']}",
             "",
         ]
-        width = max([len(f.name) for f in self.figures] + [6])
-        values = [_shown(f.value) for f in self.figures]
-        vwidth = max([len(v) for v in values] + [5])
-        uwidth = max([len(f.unit) for f in self.figures] + [4])
-        lines.append(f"{'figure':<{width}}  {'value':>{vwidth}}  {'unit':<{uwidth}}  meaning")
-        lines.append(f"{'-' * width}  {'-' * vwidth}  {'-' * uwidth}  {'-' * 7}")
-        for figure, value in zip(self.figures, values):
-            unit = f"{figure.unit:<{uwidth}}"
-            lines.append(f"{figure.name:<{width}}  {value:>{vwidth}}  {unit}  {figure.meaning}")
+        lines.extend(figure_table(
+            (None, f.name, shown(f.value), f.unit, f.meaning) for f in self.figures
+        ))
         for note in self.notes:
             lines.append(f"NOTE: {note}")
         for problem in self.problems:
@@ -177,9 +172,6 @@ class Report:
     def exit_status(self) -> int:
         return 2 if self.problems else 0
 
-
-def _shown(value: float | int) -> str:
-    return f"{value:,}" if isinstance(value, int) else f"{value:,.3f}"
 
 
 def machine() -> dict[str, object]:

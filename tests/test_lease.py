@@ -144,8 +144,8 @@ def test_renewals_leave_no_work_behind() -> None:
     held = [fired(store.get("web", f"i{n}", 0)) for n in range(100)]
     for second in range(1, 10):
         clock.advance(1)
-        for registration in held:
-            fired(store.renew(registration, clock.seconds()))
+        for current in held:
+            fired(store.renew(current, clock.seconds()))
     assert len(store._deadlines) == 100  # one entry per registration, renewals or not
     clock.advance(1)  # t=10: the first deadlines come due, all renewed meanwhile
     assert store.evict_expired(clock.seconds(), 1000) == []
@@ -155,7 +155,7 @@ def test_renewals_leave_no_work_behind() -> None:
 
 def test_stale_deadlines_count_toward_a_slice() -> None:
     """A slice looks at ``batch`` deadlines at most, evicted or not, and says more are due."""
-    clock, store = Clock(), MemoryStore()
+    store = MemoryStore()
     fill(store, 10, ttl=5)
     for n in range(10):
         fired(store.delete(fired(store.get("web", f"i{n}", 0))))
