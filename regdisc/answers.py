@@ -24,9 +24,18 @@ class Rendered:
     valid_until: float
 
 
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
+
+
+def json_body(value: Any) -> bytes:
+    """``value`` as compact JSON, for a response body."""
+    # One encoder for all: json.dumps makes a new one per call when given separators.
+    return _COMPACT.encode(value).encode("utf-8")
+
+
 def render(data: Any, version: int, valid_until: float) -> Rendered:
     """Serialize ``data`` as an answer body and tag it with a hash of itself."""
-    body = json.dumps({"data": data}, separators=(",", ":")).encode("utf-8")
+    body = json_body({"data": data})
     etag = '"' + hashlib.blake2b(body, digest_size=12).hexdigest() + '"'
     return Rendered(body, etag, version, valid_until)
 

@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from werkzeug import exceptions as http
 
-from .answers import AnswerCache, Rendered, render
+from .answers import AnswerCache, Rendered, json_body, render
 from .errors import (
     ApiError,
     InvalidJSON,
@@ -242,7 +242,7 @@ def _check_path(service: str, instance_id: str) -> None:
 def _data(request: IRequest, data: Any, status: int = 200) -> bytes:
     request.setResponseCode(status)
     request.setHeader("Content-Type", "application/json")
-    return json.dumps({"data": data}, separators=(",", ":")).encode("utf-8")
+    return json_body({"data": data})
 
 
 def _discovery(request: IRequest, data: Any, revision: int, age: float | None) -> bytes:
@@ -302,7 +302,7 @@ def _error(request: IRequest, error: ApiError) -> bytes:
     request.setHeader("Content-Type", "application/json")
     for name, value in error.headers.items():
         request.setHeader(name, value)
-    return json.dumps(error.to_json(), separators=(",", ":")).encode("utf-8")
+    return json_body(error.to_json())
 
 
 def _read_json(request: IRequest) -> object:

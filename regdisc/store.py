@@ -124,7 +124,7 @@ class MemoryStore:
         renewed = current.instance.renewed(now)
         # Same revision: the heap entry stays, and is put back at the new end
         # when it comes due.
-        self._store(attrs.evolve(current, instance=renewed))
+        self._store(Registration(renewed, current.credentials, current.revision))
         return succeed(renewed)
 
     def delete(self, current: Registration) -> Deferred:
