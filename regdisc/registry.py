@@ -147,8 +147,23 @@ class Registry:
     def heartbeat(
         self, service: str, instance_id: str, token: str | None, peer: Peer | None
     ) -> Deferred[Instance]:
-        """Renew an instance's lease for a full TTL; fire with the renewed instance."""
-        return self._authorized_write(service, instance_id, token, peer, self._store.renew)
+        """Renew an instance's lease for a full TTL; fire with the renewed instance.
+
+        A holder of the valid token is recognised against the store's own copy
+        (`IStore.cached`), which saves a shared backend a read per heartbeat;
+        anything else, or a renewal that finds that copy out of date, takes the
+        path of every write: read, check, write.
+        """
+        now = self._clock.seconds()
+        held = self._store.cached(service, instance_id, now)
+        if held is None or not _permitted(held, token, now):
+            return self._authorized_write(service, instance_id, token, peer, self._store.renew)
+
+        def outdated(failure: Failure) -> Deferred[Instance]:
+            failure.trap(Conflict)
+            return self._authorized_write(service, instance_id, token, peer, self._store.renew)
+
+        return self._store.renew(held, now).addErrback(outdated)
 
     def rotate(
         self, service: str, instance_id: str, token: str | None, peer: Peer | None
@@ -318,6 +333,12 @@ class Registry:
             **_peer_fields(peer),
         )
         return instance
+
+
+def _permitted(current: Registration, token: str | None, now: float) -> bool:
+    """Whether ``token`` is the registration's, and has not expired."""
+    credentials = current.credentials
+    return token is not None and token_matches(token, credentials.token_hash) and now < credentials.expires_at
 
 
 def _live(found: Registration | None, service: str, instance_id: str) -> Registration:

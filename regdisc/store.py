@@ -34,6 +34,16 @@ class IStore(Interface):
     def get(service: str, instance_id: str, now: float) -> Deferred:
         """The live `Registration`, or None."""
 
+    def cached(service: str, instance_id: str, now: float) -> Registration | None:
+        """The registration as this node holds it, at once, without asking a backend.
+
+        None when the node cannot vouch for it. A store shared by several nodes
+        may answer a copy that trails the backend by its replication delay (and
+        whose lease may have ended there): it serves to recognise the common
+        case cheaply, and a write based on it fails with `Conflict` if it was
+        out of date.
+        """
+
     def create(registration: Registration, now: float) -> Deferred:
         """Add a registration and fire with it as stored (with its revision).
 
@@ -99,6 +109,10 @@ class MemoryStore:
         if found is not None and not found.instance.is_live(now):
             found = None
         return succeed(found)
+
+    def cached(self, service: str, instance_id: str, now: float) -> Registration | None:
+        found = self._lookup(service, instance_id)
+        return found if found is not None and found.instance.is_live(now) else None
 
     def create(self, registration: Registration, now: float) -> Deferred:
         service, instance_id = registration.key

@@ -18,6 +18,7 @@ from regdisc.etcd.store import EtcdStore
 from regdisc.feed import Change
 from regdisc.model import Peer
 from regdisc.registry import Registry
+from regdisc.tokens import hash_token
 from regdisc.validation import InstanceSpec
 
 from .etcd_harness import etcd_cluster  # noqa: F401 (a fixture)
@@ -198,3 +199,38 @@ async def test_a_registration_sent_twice_still_wins(etcd_cluster: Callable[..., 
     finally:
         store.stopService()
         await gateway.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_new_token_renews_on_a_node_that_has_not_seen_the_rotation(nodes: Any) -> None:
+    """A heartbeat on B right after a rotation on A, with the new token, renews (B reads etcd itself)."""
+    a, b, _ = nodes
+    issued = await a.registry.register("web", spec(), None, ALICE)
+
+    async def b_holds_it() -> bool:
+        return b.store.cached("web", "web-1", reactor.seconds()) is not None
+
+    await until(b_holds_it)
+    fresh, _ = await a.registry.rotate("web", "web-1", issued.token, ALICE)
+    renewed = await b.registry.heartbeat("web", "web-1", fresh, BOB)
+    assert renewed.id == "web-1"
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_mirror_vouches_for_nothing_once_it_has_lost_etcd(nodes: Any) -> None:
+    """`cached` answers from the mirror while its watch is current, and None after it is lost."""
+    a, b, cluster = nodes
+    issued = await a.registry.register("web", spec(), None, ALICE)
+
+    async def b_holds_it() -> bool:
+        return b.store.cached("web", "web-1", reactor.seconds()) is not None
+
+    await until(b_holds_it)
+    assert b.store.cached("web", "web-1", reactor.seconds()).credentials.token_hash == hash_token(issued.token)
+    cluster.stop()
+
+    async def b_lost_etcd() -> bool:
+        return (b.store.mirror_age() or 0.0) > 0.0
+
+    await until(b_lost_etcd)
+    assert b.store.cached("web", "web-1", reactor.seconds()) is None

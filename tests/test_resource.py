@@ -115,7 +115,7 @@ def test_heartbeats_and_plain_reads_skip_the_klein_app(memory_api: RegistryAPI) 
 
 
 class PendingStore(MemoryStore):
-    """A memory store whose reads of one instance, once ``holding``, wait until the test lets them go."""
+    """A memory store whose renewals, once ``holding``, wait until the test lets them go."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -123,16 +123,16 @@ class PendingStore(MemoryStore):
         self.pending: list[tuple[Deferred, Any]] = []
         self.cancelled = 0
 
-    def get(self, service: str, instance_id: str, now: float) -> Deferred:
-        found = super().get(service, instance_id, now)
+    def renew(self, current: Any, now: float) -> Deferred:
+        renewed = super().renew(current, now)
         if not self.holding:
-            return found
+            return renewed
 
         def cancelled(d: Deferred) -> None:
             self.cancelled += 1
 
         waiting: Deferred = Deferred(cancelled)
-        found.addCallback(lambda result: self.pending.append((waiting, result)))
+        renewed.addCallback(lambda result: self.pending.append((waiting, result)))
         return waiting
 
 

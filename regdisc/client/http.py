@@ -9,7 +9,6 @@ from urllib.parse import quote
 import attrs
 from OpenSSL import SSL
 from service_identity import VerificationError
-from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError, ConnectionClosed, DNSLookupError
 from twisted.logger import Logger
@@ -20,6 +19,7 @@ from twisted.web._newclient import RequestTransmissionFailed
 
 from ..model import Instance, from_rfc3339
 from ..deferreds import cancellable
+from ..httpclient import http_client
 from ..openssl import describe_ssl_error
 from .errors import (
     RegistryError,
@@ -113,7 +113,7 @@ class RegistryClient:
         self._pool = HTTPConnectionPool(reactor, persistent=persistent)
         # A watcher holds one blocking query per service it follows.
         self._pool.maxPersistentPerHost = 32
-        self._http = HTTPClient(Agent(reactor, contextFactory=tls.policy(), pool=self._pool))
+        self._http = http_client(Agent(reactor, contextFactory=tls.policy(), pool=self._pool))
         self._current = 0
 
     @property

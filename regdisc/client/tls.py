@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import attrs
 from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClientTLS
@@ -82,11 +82,18 @@ class _Policy:
 
     def __init__(self, tls: ClientTLS) -> None:
         self._tls = tls
+        self._creators: dict[tuple[bytes, int], Any] = {}
 
     def creatorForNetloc(self, hostname: bytes, port: int):  # type: ignore[no-untyped-def]
-        # service_identity checks the host name inside optionsForClientTLS.
-        return optionsForClientTLS(
-            hostname.decode("ascii"),
-            trustRoot=self._tls.authority,
-            clientCertificate=self._tls.certificate,
-        )
+        # The Agent asks for every request, pooled connection or not, and making
+        # one costs more than the request: keep one per host (it makes a fresh
+        # TLS connection each time it is used).
+        creator = self._creators.get((hostname, port))
+        if creator is None:
+            # service_identity checks the host name inside optionsForClientTLS.
+            creator = self._creators[hostname, port] = optionsForClientTLS(
+                hostname.decode("ascii"),
+                trustRoot=self._tls.authority,
+                clientCertificate=self._tls.certificate,
+            )
+        return creator

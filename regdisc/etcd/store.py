@@ -245,6 +245,13 @@ class EtcdStore(Service):
 
         return Deferred.fromCoroutine(get())
 
+    def cached(self, service: str, instance_id: str, now: float) -> LeasedRegistration | None:
+        # The mirror's copy, while its watch is current (milliseconds behind
+        # etcd). Its lease may have ended in etcd: renewing it then fails.
+        if self._lost_at is not None or not self.ready.called:
+            return None
+        return self._services.get(service, {}).get(instance_id)
+
     def create(self, registration: Registration, now: float) -> Deferred:
         async def create() -> LeasedRegistration:
             key = self._key(*registration.key)
