@@ -1,4 +1,4 @@
-"""`EtcdGateway`: etcd v3 through its HTTP/JSON gateway, over treq, never blocking the reactor.
+"""`EtcdGateway`: etcd v3 through its HTTP/JSON gateway, over Twisted's HTTP Agent, never blocking the reactor.
 
 Also the values it speaks in (`KeyValue`, `Event`, `Compare`, `Put`, `Delete`,
 `TxnResult`), the running `Watch`, and its errors (`EtcdUnavailable`,
@@ -522,7 +522,7 @@ class EtcdGateway:
 
     async def _bounded(self, base: str, attempt: Deferred) -> Any:
         """Await ``attempt``, cancelling it after the time-out; failures become `EtcdUnavailable`."""
-        # Not Deferred.addTimeout: treq wraps the cancellation in
+        # Not Deferred.addTimeout: the Agent wraps the cancellation in
         # ResponseNeverReceived, which addTimeout does not recognise.
         expired: list[bool] = []
 
