@@ -13,6 +13,7 @@ from typing import Callable, Iterable
 
 import attrs
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
 
 from .model import Instance
 
@@ -22,6 +23,9 @@ SERVICES = None
 """The key that stands for the service list itself in `ChangeFeed.wait`."""
 
 Listener = Callable[["Change"], None]
+
+WAKE_BATCH = 100
+"""Waiters woken per reactor turn, when the feed has a clock to take turns by."""
 
 
 @attrs.frozen
@@ -46,9 +50,14 @@ class ChangeFeed:
 
     Waiting costs nothing while nothing changes: a waiter is a Deferred in the
     list of the one service it watches (or of the service list).
+
+    Given a ``clock``, a change wakes `WAKE_BATCH` waiters per reactor turn:
+    each woken waiter writes its answer in that turn, and TLS sends what a turn
+    wrote only in the next, so waking a thousand at once would hold back the
+    first answer until the last was written. Without one, all wake at once.
     """
 
-    def __init__(self, history: int = 10_000) -> None:
+    def __init__(self, history: int = 10_000, clock: IReactorTime | None = None) -> None:
         self.revision = 0
         self._history: deque[Change] = deque(maxlen=history)
         self._dropped = 0  # the revision of the newest change pushed out of history
@@ -57,6 +66,7 @@ class ChangeFeed:
         self._waiters: dict[str | None, list[Deferred]] = {}
         # Listeners by the service they follow; under None, those that follow all.
         self._listeners: dict[str | None, dict[object, Listener]] = {}
+        self._clock = clock
         self.wakeups = 0
         """How many waiters have been woken by changes, for benchmarks."""
 
@@ -96,13 +106,23 @@ class ChangeFeed:
             self._services_revision = revision
             woken.append(SERVICES)
         for key in woken:
-            for waiter in self._waiters.pop(key, ()):
-                self.wakeups += 1
-                waiter.callback(revision)
+            waiters = self._waiters.pop(key, None)
+            if waiters:
+                self._wake(waiters, revision)
         for key in (None, service):
             for listener in list(self._listeners.get(key, {}).values()):
                 listener(change)
         return change
+
+    def _wake(self, waiters: list[Deferred], revision: int) -> None:
+        now, later = waiters, []
+        if self._clock is not None and len(waiters) > WAKE_BATCH:
+            now, later = waiters[:WAKE_BATCH], waiters[WAKE_BATCH:]
+            self._clock.callLater(0, self._wake, later, revision)
+        for waiter in now:
+            if not waiter.called:  # it was cancelled while it waited for its turn
+                self.wakeups += 1
+                waiter.callback(revision)
 
     def since(self, revision: int, services: Iterable[str] | None = None) -> list[Change] | None:
         """The changes after ``revision``, oldest first; None if some were already dropped."""

@@ -25,6 +25,7 @@ from .logs import make_observer
 from .pki import PKIError, ensure_dev_pki
 from .registry import Registry
 from .site import RegistrySite
+from .feed import ChangeFeed
 from .store import MemoryStore
 from .tls import TLSFileError, TLSFiles, peer_from_request, server_tls_options, tls_factory
 
@@ -81,7 +82,7 @@ def make_service(config: Config, reactor: Any, stream: IO[str] = sys.stdout) -> 
     root = RootService(make_observer(config.log_format, config.log_level, stream))
     store: Any
     if config.etcd is None:
-        store = MemoryStore()
+        store = MemoryStore(ChangeFeed(clock=reactor))
         leases = LeaseService(store, reactor, config.cleanup_interval)
         leases.setName("leases")
         leases.setServiceParent(root)

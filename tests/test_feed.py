@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from twisted.internet.defer import CancelledError
 
-from regdisc.feed import SERVICES, ChangeFeed
+from regdisc.feed import SERVICES, WAKE_BATCH, ChangeFeed
 from regdisc.model import Instance
 
 from .conftest import fired
@@ -100,3 +102,52 @@ def test_listeners_follow_their_services() -> None:
     feed.record("updated", instance("a"))
     assert heard_a == [1]
     assert heard_all == [1, 2, 3]
+
+
+def test_with_a_clock_many_waiters_wake_a_batch_per_turn() -> None:
+    """A change wakes at most WAKE_BATCH waiters per reactor turn; the rest in the turns after."""
+    turns = Turns()
+    feed = ChangeFeed(clock=turns)  # type: ignore[arg-type]
+    waiters = [feed.wait("web", 0) for _ in range(2 * WAKE_BATCH + 1)]
+    woken: list[int] = []
+    for n, waiter in enumerate(waiters):
+        waiter.addCallback(lambda revision, n=n: woken.append(n))
+    feed.record("registered", instance())
+    assert woken == list(range(WAKE_BATCH))
+    turns.next()
+    assert woken == list(range(2 * WAKE_BATCH))
+    turns.next()
+    assert woken == list(range(2 * WAKE_BATCH + 1))
+    assert turns.pending == []
+    assert feed.wakeups == 2 * WAKE_BATCH + 1
+
+
+class Turns:
+    """Reactor turns, taken one at a time: what ``callLater(0, ...)`` asks for runs in the next."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[Any, tuple[Any, ...]]] = []
+
+    def callLater(self, delay: float, f: Any, *args: Any) -> None:
+        assert delay == 0
+        self.pending.append((f, args))
+
+    def next(self) -> None:
+        due, self.pending = self.pending, []
+        for f, args in due:
+            f(*args)
+
+
+def test_a_waiter_cancelled_before_its_turn_is_skipped() -> None:
+    """A waiter whose client left before its batch came round is not woken, and nothing fails."""
+    turns = Turns()
+    feed = ChangeFeed(clock=turns)  # type: ignore[arg-type]
+    waiters = [feed.wait("web", 0) for _ in range(WAKE_BATCH + 1)]
+    feed.record("registered", instance())
+    last = waiters[-1]
+    last.cancel()
+    with pytest.raises(CancelledError):
+        fired(last)
+    turns.next()
+    assert all(fired(w) == 1 for w in waiters[:-1])
+    assert feed.wakeups == WAKE_BATCH

@@ -67,7 +67,7 @@ class EtcdStore(Service):
     log = Logger()
 
     def __init__(self, gateway: EtcdGateway, prefix: str, clock: IReactorTime) -> None:
-        self.feed = ChangeFeed()
+        self.feed = ChangeFeed(clock=clock)
         self.ready: Deferred = Deferred()
         self._gateway = gateway
         self._root = prefix.encode("utf-8") + b"instances/"
