@@ -40,7 +40,6 @@ import gc
 import json
 import math
 import os
-import platform
 import resource
 import shutil
 import signal
@@ -64,7 +63,7 @@ from regdisc import pki
 from regdisc.client.tls import ClientTLS
 
 # The process limits and CPU placement every benchmark shares.
-from .harness import cpu_placement, figure_table, raise_nofile, shown
+from .harness import cpu_placement, figure_table, machine, raise_nofile, shown
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -189,32 +188,6 @@ def percentile(values: Sequence[float], fraction: float) -> float:
     """The nearest-rank percentile: the smallest value with ``fraction`` of them at or below it."""
     ordered = sorted(values)
     return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
-
-
-def machine(server_cpu: object, load_cpu: object, nofile: int) -> dict[str, object]:
-    """What the figures were measured on."""
-    import OpenSSL.SSL
-    import twisted
-
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.partition(":")[2].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "nproc": os.cpu_count(),
-        "cpu_model": model,
-        "python": platform.python_version(),
-        "twisted": twisted.__version__,
-        "openssl": OpenSSL.SSL.SSLeay_version(OpenSSL.SSL.SSLEAY_VERSION).decode(),
-        "kernel": platform.release(),
-        "server_cpu": server_cpu,
-        "load_cpu": load_cpu,
-        "nofile": nofile,
-    }
 
 
 # Process limits and placement.

@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -62,7 +61,7 @@ from tests.etcd_harness import (
     EtcdMember,
     etcd_flags,
     find_etcd,
-    free_ports,
+    start_cluster,
 )
 
 from .harness import figure_table, shown
@@ -216,43 +215,11 @@ class Report:
 # Clusters: the harness's members, with flags of our choosing.
 
 
-def start_members(directory: Path, etcd: str, flags: Sequence[str],
-                  started: list[EtcdCluster]) -> EtcdCluster:
-    """Start three plain-http members with ``flags`` and wait until they are healthy.
-
-    The harness's ``start_cluster`` always turns checkpointing on; this is its
-    argv with the flags given instead. The cluster joins ``started`` before
-    any member starts, so that the caller stops it whatever happens.
-    """
-    directory.mkdir(parents=True, exist_ok=True)
-    ports = free_ports(6)
-    names = ["m0", "m1", "m2"]
-    client_urls = [f"http://127.0.0.1:{ports[2 * i]}" for i in range(3)]
-    peer_urls = [f"http://127.0.0.1:{ports[2 * i + 1]}" for i in range(3)]
-    initial = ",".join(f"{n}={p}" for n, p in zip(names, peer_urls))
-    token = f"regdisc-bench-{os.getpid()}-{ports[0]}"
-    members = []
-    for name, client_url, peer_url in zip(names, client_urls, peer_urls):
-        argv = [
-            etcd,
-            f"--name={name}",
-            f"--data-dir={directory / name}",
-            f"--listen-client-urls={client_url}",
-            f"--advertise-client-urls={client_url}",
-            f"--listen-peer-urls={peer_url}",
-            f"--initial-advertise-peer-urls={peer_url}",
-            f"--initial-cluster={initial}",
-            f"--initial-cluster-token={token}",
-            *flags,
-        ]
-        members.append(
-            EtcdMember(name, client_url, peer_url, directory / name, directory / f"{name}.log", argv)
-        )
-    cluster = EtcdCluster(directory, members)
+def start_members(directory: Path, flags: Sequence[str], started: list[EtcdCluster]) -> EtcdCluster:
+    """Start three plain-http members with ``flags`` (instead of the harness's,
+    which always turn checkpointing on) and wait until they are healthy."""
+    cluster = start_cluster(directory, size=3, flags=flags)
     started.append(cluster)
-    for member in members:
-        member.start(wait=False)
-    cluster.wait_healthy()
     return cluster
 
 
@@ -377,7 +344,7 @@ async def measure(reactor: Any, mode: Mode, cluster: EtcdCluster, ttl: int, repo
         report.add(mode, "ttl_due_after_election", expected - read)
 
 
-async def run(reactor: Any, directory: Path, etcd: str, mode_list: list[Mode], ttl: int,
+async def run(reactor: Any, directory: Path, mode_list: list[Mode], ttl: int,
               report: Report, started: list[EtcdCluster], phase: list[str]) -> None:
     """Every mode in turn, each on a fresh cluster stopped once it is measured.
 
@@ -392,7 +359,7 @@ async def run(reactor: Any, directory: Path, etcd: str, mode_list: list[Mode], t
             if cluster is not None:
                 await deferToThread(cluster.stop)
             cluster = await deferToThread(
-                start_members, directory / f"{index}-{mode.name}", etcd, mode.flags, started
+                start_members, directory / f"{index}-{mode.name}", mode.flags, started
             )
             flags = mode.flags
         stopping: list[Deferred] = []
@@ -408,7 +375,7 @@ async def run(reactor: Any, directory: Path, etcd: str, mode_list: list[Mode], t
         await deferToThread(cluster.stop)
 
 
-def drive(directory: Path, etcd: str, mode_list: list[Mode], ttl: int, timeout: float,
+def drive(directory: Path, mode_list: list[Mode], ttl: int, timeout: float,
           report: Report, started: list[EtcdCluster]) -> None:
     """Run the modes on the reactor within ``timeout`` seconds in all."""
     from twisted.internet import reactor
@@ -423,7 +390,7 @@ def drive(directory: Path, etcd: str, mode_list: list[Mode], ttl: int, timeout: 
             reactor.stop()
 
     def go() -> None:
-        d = Deferred.fromCoroutine(run(reactor, directory, etcd, mode_list, ttl, report, started, phase))
+        d = Deferred.fromCoroutine(run(reactor, directory, mode_list, ttl, report, started, phase))
 
         def expire() -> None:
             expired.append(True)
@@ -488,7 +455,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="regdisc-lease-bench-") as directory:
             try:
-                drive(Path(directory), etcd, mode_list, ttl, timeout, report, started)
+                drive(Path(directory), mode_list, ttl, timeout, report, started)
             finally:
                 for cluster in started:
                     cluster.stop()

@@ -23,7 +23,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import attrs
 import pytest
@@ -331,8 +331,13 @@ class EtcdCluster:
             m.stop()
 
 
-def start_cluster(directory: Path, size: int = 1, tls: bool = False) -> EtcdCluster:
-    """Start ``size`` members (1 or 3) in ``directory`` and wait until all are healthy."""
+def start_cluster(
+    directory: Path, size: int = 1, tls: bool = False, flags: Sequence[str] | None = None
+) -> EtcdCluster:
+    """Start ``size`` members (1 or 3) in ``directory`` and wait until all are healthy.
+
+    ``flags`` replace `etcd_flags` (the logging, timing and checkpoint flags).
+    """
     if size not in (1, 3):
         raise ValueError("a test cluster has 1 or 3 members")
     etcd = find_etcd()
@@ -345,7 +350,8 @@ def start_cluster(directory: Path, size: int = 1, tls: bool = False) -> EtcdClus
     peer_urls = [f"http://127.0.0.1:{ports[2 * i + 1]}" for i in range(size)]
     initial = ",".join(f"{n}={p}" for n, p in zip(names, peer_urls))
     token = f"regdisc-test-{os.getpid()}-{ports[0]}"
-    common = etcd_flags(etcd) + (cluster_tls.server_flags() if cluster_tls else [])
+    common = [*(etcd_flags(etcd) if flags is None else flags)]
+    common += cluster_tls.server_flags() if cluster_tls else []
     members = []
     for name, client_url, peer_url in zip(names, client_urls, peer_urls):
         argv = [
