@@ -6,7 +6,8 @@ four Deferreds) costs about as much as the registry's own work for it. So
 `APIResource` recognises exactly those two requests by their path segments and
 calls the same `RegistryAPI` handlers directly; every other request, and any
 path that is not plain ASCII without percent-escapes, goes to the Klein app,
-which therefore stays the one definition of every route.
+which stays the definition of every route (tests/test_resource.py asks both
+the same requests and compares the answers).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ Handler = Callable[..., Deferred]
 
 
 class APIResource(Resource):
-    """Serves a `RegistryAPI`; build it with ``APIResource(api)``."""
+    """Serves a `RegistryAPI`: heartbeats and plain reads by hand, the rest through its Klein app."""
 
     isLeaf = True
 

@@ -8,13 +8,15 @@ before its answer is ready.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 from treq.testing import StubTreq
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.test.requesthelper import DummyRequest
@@ -170,3 +172,23 @@ def test_a_client_that_leaves_cancels_its_request(clock: Clock) -> None:
     request.processingFailed(Failure(ConnectionDone()))  # what a lost connection does to it
     assert store.cancelled == 1
     assert request.written == [] and request.finished == 0
+
+
+class FailingReads(MemoryStore):
+    """A store whose listing of a service fails unexpectedly."""
+
+    def instances(self, service: str, now: float) -> Deferred:
+        return fail(RuntimeError("disk on fire"))
+
+
+def test_an_unexpected_failure_in_the_hand_lane_is_a_logged_500(clock: Clock) -> None:
+    """A plain read whose store fails answers 500 internal_error, logged, as through Klein."""
+    api = RegistryAPI(Registry(FailingReads(), clock, TOKEN_TTL), BOUNDS, lambda request: ALICE)
+    resource = APIResource(api)
+    resource._routed = Refusing()
+    with capturedLogs() as events:
+        code, headers, body = answer(StubTreq(resource), "GET", "/registry/services/web/instances")
+    assert code == 500 and headers["content-type"] == ["application/json"]
+    assert json.loads(body) == {"error": {"code": "internal_error", "message": "internal error"}}
+    [event] = [e for e in events if e.get("event") == "http.internal_error"]
+    assert "disk on fire" in event["log_failure"].getTraceback()
