@@ -25,6 +25,7 @@ from .logs import make_observer
 from .pki import PKIError, ensure_dev_pki
 from .registry import Registry
 from .site import RegistrySite
+from .collector import YoungCollector
 from .feed import ChangeFeed
 from .store import MemoryStore
 from .tls import TLSFileError, TLSFiles, peer_from_request, server_tls_options, tls_factory
@@ -80,6 +81,9 @@ def make_service(config: Config, reactor: Any, stream: IO[str] = sys.stdout) -> 
     """The daemon's services under one `RootService`, on ``reactor``."""
     tls_options = server_tls_options_for(config)
     root = RootService(make_observer(config.log_format, config.log_level, stream))
+    collector = YoungCollector(reactor)
+    collector.setName("collector")
+    collector.setServiceParent(root)
     store: Any
     if config.etcd is None:
         store = MemoryStore(ChangeFeed(clock=reactor))

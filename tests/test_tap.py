@@ -44,14 +44,15 @@ def test_options_collect_overrides() -> None:
 
 
 def test_service_listens_and_runs_the_lease_manager(tmp_path: Path) -> None:
-    """Started, the daemon listens over TLS where configured and runs its lease timer."""
+    """Started, the daemon listens over TLS where configured and runs its lease and collector timers."""
     reactor = MemoryReactorClock()
     root = make_service(config_for(tmp_path, REGDISC_PORT="9443"), reactor, io.StringIO())
     root.startService()
     [(port, factory, _, interface)] = reactor.tcpServers
     assert (port, interface) == (9443, "127.0.0.1")
     assert isinstance(factory, TLSMemoryBIOFactory)
-    assert len(reactor.getDelayedCalls()) == 1
+    assert len(reactor.getDelayedCalls()) == 2
+    assert {root.getServiceNamed(name).running for name in ("leases", "collector")} == {True}
     fired(root.stopService())
     assert reactor.getDelayedCalls() == []
 
