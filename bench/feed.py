@@ -63,7 +63,7 @@ from regdisc import pki
 from regdisc.client.tls import ClientTLS
 
 # The process limits and CPU placement every benchmark shares.
-from .harness import cpu_placement, figure_table, machine, raise_nofile, shown
+from .harness import PartReport, cpu_placement, machine, raise_nofile
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -128,60 +128,22 @@ FIGURES: dict[str, tuple[str, str]] = {
 """Every figure, by name: its unit and what it means (a format string of the run's sizes)."""
 
 
-@attrs.frozen
-class Figure:
-    """One measured value, its unit and what it means."""
+class Report(PartReport):
+    """The figures of `FIGURES` measured so far, the problems met, and the machine."""
 
-    name: str
-    value: float | int
-    unit: str
-    meaning: str
-
-    def to_json(self) -> dict[str, object]:
-        return {"bench": "feed", "figure": self.name, "value": self.value, "unit": self.unit}
-
-
-@attrs.define
-class Report:
-    """The figures measured so far, the problems met, and the machine they were met on."""
-
-    machine: dict[str, object]
-    figures: list[Figure] = attrs.Factory(list)
-    problems: list[str] = attrs.Factory(list)
-
-    def add(self, name: str, value: float | int, **context: object) -> None:
+    def figure(self, name: str, value: float | int, **context: object) -> None:
         """Record the figure ``name`` of `FIGURES`; ``context`` fills in its meaning."""
         unit, meaning = FIGURES[name]
-        if isinstance(value, float):
-            value = round(value, 3)
-        self.figures.append(Figure(name, value, unit, meaning.format(**context)))
+        self.add(name, value, unit, meaning.format(**context))
 
-    def value(self, name: str) -> float | int | None:
-        for figure in self.figures:
-            if figure.name == name:
-                return figure.value
-        return None
-
-    def render(self) -> str:
-        """The machine, a table of the figures, the problems, then the JSON lines."""
+    def heading(self) -> list[str]:
         m = self.machine
-        lines = [
+        return [
             f"regdisc feed benchmark on {m['cpu_model']} ({m['nproc']} CPUs), "
             f"Python {m['python']}, Twisted {m['twisted']}, {m['openssl']}",
             f"daemon pinned to CPU {m['server_cpu']}, load generator to CPU {m['load_cpu']}; "
             f"open files limit {m['nofile']}",
-            "",
         ]
-        lines.extend(figure_table(
-            (None, f.name, shown(f.value), f.unit, f.meaning) for f in self.figures
-        ))
-        for problem in self.problems:
-            lines.append(f"PROBLEM: {problem}")
-        lines.append("")
-        lines.append(json.dumps({"bench": "feed", "machine": self.machine}))
-        lines.extend(json.dumps(f.to_json()) for f in self.figures)
-        return "\n".join(lines)
-
 
 
 def percentile(values: Sequence[float], fraction: float) -> float:
@@ -674,22 +636,22 @@ async def held_queries(
         before = daemon.cpu_seconds()
         await sleep(reactor, sizes.idle_window)
         idle = (daemon.cpu_seconds() - before) / sizes.idle_window
-        report.add("held_queries", held)
-        report.add("held_services", services)
-        report.add("held_setup_time", setup, concurrency=sizes.concurrency)
-        report.add("held_setup_rate", len(watchers) / max(setup, 1e-9))
-        report.add("held_setup_failures", sum(failures.values()))
-        report.add("server_open_files_held", daemon.open_files())
-        report.add("server_rss_before", rss_before / 2**20)
-        report.add("server_rss_held", rss_held / 2**20)
-        report.add("server_rss_per_held_query", (rss_held - rss_before) / max(1, held) / 1024)
+        report.figure("held_queries", held)
+        report.figure("held_services", services)
+        report.figure("held_setup_time", setup, concurrency=sizes.concurrency)
+        report.figure("held_setup_rate", len(watchers) / max(setup, 1e-9))
+        report.figure("held_setup_failures", sum(failures.values()))
+        report.figure("server_open_files_held", daemon.open_files())
+        report.figure("server_rss_before", rss_before / 2**20)
+        report.figure("server_rss_held", rss_held / 2**20)
+        report.figure("server_rss_per_held_query", (rss_held - rss_before) / max(1, held) / 1024)
         step = 100 / (daemon.ticks * sizes.idle_window)
-        report.add("server_idle_cpu_held", 100 * idle, window=sizes.idle_window, step=step)
-        report.add("load_rss_held", load_rss_bytes() / 2**20)
+        report.figure("server_idle_cpu_held", 100 * idle, window=sizes.idle_window, step=step)
+        report.figure("load_rss_held", load_rss_bytes() / 2**20)
     finally:
         close(watchers)
     await settle(reactor, daemon)
-    report.add("server_rss_after_close", daemon.rss_bytes() / 2**20)
+    report.figure("server_rss_after_close", daemon.rss_bytes() / 2**20)
 
 
 async def fan_out(
@@ -740,14 +702,14 @@ async def fan_out(
             )
         if not latencies:
             raise BenchError("no watcher was answered")
-        report.add("fanout_watchers", len(waiting))
-        report.add("fanout_answered", len(latencies))
-        report.add("fanout_latency_min", min(latencies))
-        report.add("fanout_latency_p50", percentile(latencies, 0.50))
-        report.add("fanout_latency_p90", percentile(latencies, 0.90))
-        report.add("fanout_latency_p99", percentile(latencies, 0.99))
-        report.add("fanout_latency_max", max(latencies))
-        report.add("fanout_server_cpu", 1000 * server_cpu, step=1000 / daemon.ticks)
+        report.figure("fanout_watchers", len(waiting))
+        report.figure("fanout_answered", len(latencies))
+        report.figure("fanout_latency_min", min(latencies))
+        report.figure("fanout_latency_p50", percentile(latencies, 0.50))
+        report.figure("fanout_latency_p90", percentile(latencies, 0.90))
+        report.figure("fanout_latency_p99", percentile(latencies, 0.99))
+        report.figure("fanout_latency_max", max(latencies))
+        report.figure("fanout_server_cpu", 1000 * server_cpu, step=1000 / daemon.ticks)
         return str(registered.json()["data"]["token"])
     finally:
         close(watchers)
@@ -788,9 +750,9 @@ async def isolation(
             report.problems.append(
                 f"isolation: {lost} watchers of other services lost their connection"
             )
-        report.add("isolation_watchers", len(watchers))
-        report.add("isolation_changes", made)
-        report.add("cross_service_wakeups", answered)
+        report.figure("isolation_watchers", len(watchers))
+        report.figure("isolation_changes", made)
+        report.figure("cross_service_wakeups", answered)
     finally:
         close(watchers)
 
@@ -905,7 +867,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     server_cpus, load_cpus = cpu_placement()
     if load_cpus is not None:
         os.sched_setaffinity(0, load_cpus)
-    report = Report(machine(
+    report = Report("feed", machine(
         min(server_cpus) if server_cpus else "any", min(load_cpus) if load_cpus else "any", nofile
     ))
     needed = max(sizes.watchers, sizes.fanout + 1, sizes.others + 1) + 64

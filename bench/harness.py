@@ -137,6 +137,63 @@ class Report:
         return [json.dumps(f.to_json()) for f in self.ordered()]
 
 
+@attrs.frozen
+class PartFigure:
+    """One figure of a benchmark run on its own (`PartReport`)."""
+
+    bench: str
+    name: str
+    value: float | int
+    unit: str
+    meaning: str
+
+    def to_json(self) -> dict[str, object]:
+        return {"bench": self.bench, "figure": self.name, "value": self.value, "unit": self.unit}
+
+
+@attrs.define
+class PartReport:
+    """The report of a benchmark that also runs on its own (``python -m bench.memory``):
+    its figures, notes and problems, and the machine; rendered as a heading, a
+    table, then one JSON line for the machine and one per figure."""
+
+    bench: str
+    machine: dict[str, object]
+    figures: list[PartFigure] = attrs.Factory(list)
+    notes: list[str] = attrs.Factory(list)
+    problems: list[str] = attrs.Factory(list)
+
+    def heading(self) -> list[str]:
+        """The lines above the table; subclasses say what ran where."""
+        return [f"regdisc {self.bench} benchmark"]
+
+    def add(self, name: str, value: float | int, unit: str, meaning: str) -> None:
+        if isinstance(value, float):
+            value = round(value, 3)
+        self.figures.append(PartFigure(self.bench, name, value, unit, meaning))
+
+    def value(self, name: str) -> float | int | None:
+        for figure in self.figures:
+            if figure.name == name:
+                return figure.value
+        return None
+
+    def render(self) -> str:
+        lines = [*self.heading(), ""]
+        lines.extend(figure_table(
+            (None, f.name, shown(f.value), f.unit, f.meaning) for f in self.figures
+        ))
+        lines.extend(f"NOTE: {note}" for note in self.notes)
+        lines.extend(f"PROBLEM: {problem}" for problem in self.problems)
+        lines.append("")
+        lines.append(json.dumps({"bench": self.bench, "machine": self.machine}))
+        lines.extend(json.dumps(f.to_json()) for f in self.figures)
+        return "\n".join(lines)
+
+    def exit_status(self) -> int:
+        return 2 if self.problems else 0
+
+
 def figure_table(rows: Iterable[tuple[str | None, str, str, str, str]]) -> list[str]:
     """Aligned lines of ``(section, name, shown value, unit, meaning)`` rows, under a
     heading, with a ``[section]`` line wherever the section changes (None: no line)."""

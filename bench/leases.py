@@ -434,7 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["--child"]:
         return child_main(argv[1:])
     opts = options(argv)
-    report = Report(BENCH, "regdisc lease-manager benchmark", machine())
+    report = Report(BENCH, machine(), title="regdisc lease-manager benchmark")
     report.machine["sizes"] = opts.sizes
     report.machine["expiry"] = opts.expiry
     try:

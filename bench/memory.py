@@ -76,7 +76,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import attrs
 
-from .harness import figure_table, shown
+from .harness import PartReport
 
 BENCH = "memory"
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,64 +114,18 @@ class BenchError(Exception):
 # The report, shared with bench.leases.
 
 
-@attrs.frozen
-class Figure:
-    """One measured value, its unit and what it means."""
-
-    bench: str
-    name: str
-    value: float | int
-    unit: str
-    meaning: str
-
-    def to_json(self) -> dict[str, object]:
-        return {"bench": self.bench, "figure": self.name, "value": self.value, "unit": self.unit}
-
-
 @attrs.define
-class Report:
-    """The figures measured so far, notes, problems met, and the machine."""
+class Report(PartReport):
+    """The report of this benchmark and of bench.leases, headed by its title and machine."""
 
-    bench: str
-    title: str
-    machine: dict[str, object]
-    figures: list[Figure] = attrs.Factory(list)
-    notes: list[str] = attrs.Factory(list)
-    problems: list[str] = attrs.Factory(list)
+    title: str = ""
 
-    def add(self, name: str, value: float | int, unit: str, meaning: str) -> None:
-        if isinstance(value, float):
-            value = round(value, 3)
-        self.figures.append(Figure(self.bench, name, value, unit, meaning))
-
-    def value(self, name: str) -> float | int | None:
-        for figure in self.figures:
-            if figure.name == name:
-                return figure.value
-        return None
-
-    def render(self) -> str:
+    def heading(self) -> list[str]:
         m = self.machine
-        lines = [
+        return [
             f"{self.title} on {m['cpu_model']} ({m['nproc']} CPUs, {m['mem_total_gib']} GiB), "
-            f"Python {m['python']}, Twisted {m['twisted']}, kernel {m['kernel']}",
-            "",
+            f"Python {m['python']}, Twisted {m['twisted']}, kernel {m['kernel']}"
         ]
-        lines.extend(figure_table(
-            (None, f.name, shown(f.value), f.unit, f.meaning) for f in self.figures
-        ))
-        for note in self.notes:
-            lines.append(f"NOTE: {note}")
-        for problem in self.problems:
-            lines.append(f"PROBLEM: {problem}")
-        lines.append("")
-        lines.append(json.dumps({"bench": self.bench, "machine": self.machine}))
-        lines.extend(json.dumps(f.to_json()) for f in self.figures)
-        return "\n".join(lines)
-
-    def exit_status(self) -> int:
-        return 2 if self.problems else 0
-
 
 
 def machine() -> dict[str, object]:
@@ -914,7 +868,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["--child"]:
         return child_main(argv[1:])
     opts = options(argv)
-    report = Report(BENCH, "regdisc memory benchmark", machine())
+    report = Report(BENCH, machine(), title="regdisc memory benchmark")
     report.machine["sizes"] = all_sizes(opts)
     try:
         run(opts, report)

@@ -72,13 +72,13 @@ def test_quick_run_names_the_machine(quick_run: subprocess.CompletedProcess[str]
 
 def test_exit_status_puts_a_cross_service_wakeup_first() -> None:
     """A cross-service wakeup exits 1, even with other problems; problems alone exit 2."""
-    report = Report({})
-    report.add("cross_service_wakeups", 0)
+    report = Report("feed", {})
+    report.figure("cross_service_wakeups", 0)
     assert exit_status(report) == 0
     report.problems.append("fan-out: 3 connections failed")
     assert exit_status(report) == 2
-    woken = Report({})
-    woken.add("cross_service_wakeups", 1)
+    woken = Report("feed", {})
+    woken.figure("cross_service_wakeups", 1)
     assert exit_status(woken) == 1
     woken.problems.append("the daemon logged 1 error")
     assert exit_status(woken) == 1

@@ -107,7 +107,7 @@ def test_sizes_are_labelled_for_figure_names() -> None:
 
 
 def test_a_failed_run_exits_two() -> None:
-    report = memory.Report("memory", "t", {})
+    report = memory.Report("memory", {}, title="t")
     report.add("x", 1.23456, "B", "a figure")
     assert report.exit_status() == 0
     assert report.figures[0].to_json() == {
