@@ -643,7 +643,7 @@ def _answers(c: _Connection, parse_response: Callable[[bytearray], Any]) -> None
 def measure_etcd(count: int, report: Report) -> None:
     """Start one etcd member, load ``count`` leases and keys, and report its growth."""
     from bench.lease_checkpoint import accepts_flag
-    from tests.etcd_harness import EtcdMember, etcd_flags, free_ports
+    from tests.etcd_harness import etcd_flags, start_cluster
 
     etcd = etcd_binary()
     assert etcd is not None
@@ -651,23 +651,13 @@ def measure_etcd(count: int, report: Report) -> None:
     if accepts_flag(etcd, "--unsafe-no-fsync"):
         flags.append("--unsafe-no-fsync")
     with tempfile.TemporaryDirectory(prefix="regdisc-bench-etcd-") as directory:
-        client_port, peer_port = free_ports(2)
-        client_url = f"http://127.0.0.1:{client_port}"
-        peer_url = f"http://127.0.0.1:{peer_port}"
-        argv = [
-            etcd, "--name=m0", f"--data-dir={directory}/m0",
-            f"--listen-client-urls={client_url}", f"--advertise-client-urls={client_url}",
-            f"--listen-peer-urls={peer_url}", f"--initial-advertise-peer-urls={peer_url}",
-            f"--initial-cluster=m0={peer_url}", "--initial-cluster-token=regdisc-bench-memory",
-            *flags,
-        ]
-        member = EtcdMember("m0", client_url, peer_url, Path(directory) / "m0",
-                            Path(directory) / "m0.log", argv)
+        cluster = start_cluster(Path(directory), size=1, flags=flags)
+        [member] = cluster.members
+        client_port = int(member.client_url.rsplit(":", 1)[1])
         try:
-            member.start(wait=True)
             assert member.process is not None
             pid = member.process.pid
-            time.sleep(1.0)
+            time.sleep(1.0)  # a fresh member is still allocating: let it settle for the baseline
             before = proc_status(pid)
             started = time.perf_counter()
             answered = etcd_load(client_port, count, ETCD_PATIENCE)
@@ -678,7 +668,7 @@ def measure_etcd(count: int, report: Report) -> None:
             if held != count:
                 raise BenchError(f"etcd holds {held} keys under the prefix, not {count}")
         finally:
-            member.stop()
+            cluster.stop()
     lab = label(count)
     report.add(f"etcd_keys_{lab}", count, "keys",
                "keys loaded into one etcd member, each on a lease of its own")
