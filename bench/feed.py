@@ -41,9 +41,6 @@ import json
 import math
 import os
 import resource
-import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -59,13 +56,20 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
-from regdisc import pki
 from regdisc.client.tls import ClientTLS
 
 # The process limits and CPU placement every benchmark shares.
-from .harness import PartReport, cpu_placement, machine, raise_nofile
-
-ROOT = Path(__file__).resolve().parent.parent
+from .harness import (
+    BenchError,
+    Material,
+    PartReport,
+    ServerProcess,
+    cpu_placement,
+    machine,
+    make_material,
+    raise_nofile,
+    start_registry,
+)
 
 WAIT = 600
 """The ``wait`` of every held query, in seconds: the longest the daemon grants."""
@@ -81,10 +85,6 @@ STEP_TIMEOUT = 30.0
 
 _PER_SERVICE = 10
 """Held queries per service in the first phase."""
-
-
-class BenchError(Exception):
-    """The benchmark cannot go on; the message says what stood in the way."""
 
 
 # Figures.
@@ -152,161 +152,8 @@ def percentile(values: Sequence[float], fraction: float) -> float:
     return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
 
 
-# Process limits and placement.
-
-
-# The daemon.
-
-
-@attrs.frozen
-class Material:
-    """The PKI files of one run: the CA, the daemon's identity and the client's."""
-
-    ca: Path
-    server_cert: Path
-    server_key: Path
-    client_cert: Path
-    client_key: Path
-
-
-def make_material(directory: Path) -> Material:
-    """A fresh CA, a server certificate for localhost and a client certificate."""
-    ca_cert, ca_key = pki.make_ca("regdisc bench CA")
-    server_cert, server_key = pki.issue_certificate(
-        ca_cert, ca_key, "localhost", hosts=["localhost", "127.0.0.1", "::1"], client=False
-    )
-    client_cert, client_key = pki.issue_certificate(ca_cert, ca_key, "bench-client", server=False)
-    material = Material(
-        ca=directory / "ca.pem",
-        server_cert=directory / "server.pem",
-        server_key=directory / "server-key.pem",
-        client_cert=directory / "client.pem",
-        client_key=directory / "client-key.pem",
-    )
-    pki.write_cert(material.ca, ca_cert)
-    pki.write_cert(material.server_cert, server_cert)
-    pki.write_key(material.server_key, server_key)
-    pki.write_cert(material.client_cert, client_cert)
-    pki.write_key(material.client_key, client_key)
-    return material
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _twistd() -> str:
-    beside = Path(sys.executable).parent / "twistd"
-    if beside.exists():
-        return str(beside)
-    found = shutil.which("twistd")
-    if found is None:
-        raise BenchError("twistd is not installed beside this Python nor on PATH")
-    return found
-
-
-class Daemon:
-    """``twistd -n --pidfile= regdisc`` in a subprocess, and what /proc says of it."""
-
-    def __init__(self, process: subprocess.Popen[bytes], port: int, log: Path) -> None:
-        self.process = process
-        self.port = port
-        self.log = log
-        self.ticks = os.sysconf("SC_CLK_TCK")
-        """Clock ticks per second, the unit of /proc CPU times."""
-
-    @classmethod
-    def start(cls, directory: Path, material: Material, cpus: set[int] | None) -> Daemon:
-        port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("REGDISC_")}
-        env.update(
-            HOME=str(directory),
-            PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
-            REGDISC_PORT=str(port),
-            REGDISC_TLS_CERT=str(material.server_cert),
-            REGDISC_TLS_KEY=str(material.server_key),
-            REGDISC_TLS_CA=str(material.ca),
-            REGDISC_LOG_LEVEL="warn",
-            REGDISC_LOG_FORMAT="json",
-        )
-
-        def prepare() -> None:  # runs in the child, before exec
-            raise_nofile()
-            if cpus is not None:
-                os.sched_setaffinity(0, cpus)
-
-        log = directory / "daemon.log"
-        with log.open("wb") as output:
-            process = subprocess.Popen(
-                [_twistd(), "-n", "--pidfile=", "regdisc"],
-                cwd=directory, env=env, stdin=subprocess.DEVNULL, stdout=output,
-                stderr=subprocess.STDOUT, preexec_fn=prepare, start_new_session=True,
-            )
-        return cls(process, port, log)
-
-    def exited(self) -> int | None:
-        return self.process.poll()
-
-    def _proc(self, name: str) -> str:
-        """The daemon's /proc/PID/``name``; `BenchError` once the daemon has exited."""
-        code = self.process.poll()
-        if code is None:
-            try:
-                return Path(f"/proc/{self.process.pid}/{name}").read_text()
-            except OSError:
-                code = self.process.poll()
-        raise BenchError(f"the daemon exited (status {code}):\n{self.log_tail()}")
-
-    def rss_bytes(self) -> int:
-        for line in self._proc("status").splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        raise BenchError(f"the daemon exited (no VmRSS in its /proc status):\n{self.log_tail()}")
-
-    def cpu_seconds(self) -> float:
-        """User plus system CPU time so far (utime + stime of /proc/PID/stat)."""
-        stat = self._proc("stat")
-        fields = stat[stat.rindex(")") + 2:].split()
-        return (int(fields[11]) + int(fields[12])) / self.ticks
-
-    def open_files(self) -> int:
-        try:
-            return len(os.listdir(f"/proc/{self.process.pid}/fd"))
-        except OSError:
-            raise BenchError(f"the daemon exited:\n{self.log_tail()}") from None
-
-    def nofile_limit(self) -> int:
-        for line in self._proc("limits").splitlines():
-            if line.startswith("Max open files"):
-                return int(line.split()[3])
-        return -1
-
-    def log_lines(self) -> list[str]:
-        try:
-            return self.log.read_text(errors="replace").splitlines()
-        except OSError:
-            return []
-
-    def log_tail(self, count: int = 20) -> str:
-        return "\n".join(self.log_lines()[-count:])
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL if it has not exited within 20 seconds."""
-        if self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(10)
-
-
 def load_rss_bytes() -> int:
+    """This (load) process's resident memory, in bytes."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
@@ -548,7 +395,7 @@ def sleep(reactor: Any, seconds: float) -> Deferred[None]:
 
 
 async def settle(
-    reactor: Any, daemon: Daemon, window: float = 0.5, busy: float = 0.05, limit: float = 30.0
+    reactor: Any, daemon: ServerProcess, window: float = 0.5, busy: float = 0.05, limit: float = 30.0
 ) -> bool:
     """Wait until the daemon uses under ``busy`` of a CPU over ``window`` seconds.
 
@@ -561,33 +408,6 @@ async def settle(
         if (daemon.cpu_seconds() - before) / window <= busy:
             return True
     return False
-
-
-async def serving(
-    reactor: Any, connector: Connector, daemon: Daemon, limit: float = 60.0
-) -> None:
-    """Return once the daemon answers GET /registry/services; fail if it exits or is too slow."""
-    deadline = time.monotonic() + limit
-    last = "nothing tried"
-    while time.monotonic() < deadline:
-        code = daemon.exited()
-        if code is not None:
-            raise BenchError(f"the daemon exited with status {code}:\n{daemon.log_tail()}")
-        try:
-            connection = await connector.open().addTimeout(5, reactor)
-            try:
-                answer = await connector.ask(connection, "GET", "/registry/services", timeout=5)
-            finally:
-                connection.abort()
-            if answer.status == 200:
-                return
-            last = f"HTTP {answer.status}"
-        except Exception as e:
-            last = _kind(Failure(e))
-        await sleep(reactor, 0.1)
-    raise BenchError(
-        f"the daemon did not serve within {limit:.0f} s ({last}):\n{daemon.log_tail()}"
-    )
 
 
 # The phases.
@@ -612,7 +432,7 @@ def _note_failures(report: Report, what: str, failures: Counter[str]) -> None:
 
 
 async def held_queries(
-    reactor: Any, connector: Connector, daemon: Daemon, sizes: Sizes, report: Report
+    reactor: Any, connector: Connector, daemon: ServerProcess, sizes: Sizes, report: Report
 ) -> None:
     """Phase 1: many held queries; the daemon's memory and idle CPU while they are held."""
     services = max(1, sizes.watchers // _PER_SERVICE)
@@ -655,7 +475,7 @@ async def held_queries(
 
 
 async def fan_out(
-    reactor: Any, connector: Connector, daemon: Daemon, registrar: HTTPConnection,
+    reactor: Any, connector: Connector, daemon: ServerProcess, registrar: HTTPConnection,
     sizes: Sizes, report: Report,
 ) -> str:
     """Phase 2: watchers of ``fan`` woken by one registration; returns the instance's token."""
@@ -717,7 +537,7 @@ async def fan_out(
 
 
 async def isolation(
-    reactor: Any, connector: Connector, daemon: Daemon, registrar: HTTPConnection,
+    reactor: Any, connector: Connector, daemon: ServerProcess, registrar: HTTPConnection,
     token: str, sizes: Sizes, report: Report,
 ) -> None:
     """Phase 3: changes to ``fan`` answer none of the watchers of other services."""
@@ -758,14 +578,13 @@ async def isolation(
 
 
 async def run(
-    reactor: Any, daemon: Daemon, material: Material, sizes: Sizes, report: Report,
+    reactor: Any, daemon: ServerProcess, material: Material, sizes: Sizes, report: Report,
     phase: list[str],
 ) -> None:
     """The three phases in turn, naming the current one in ``phase[0]``."""
     connector = Connector(reactor, daemon.port, material)
     try:
         phase[0] = "starting the daemon"
-        await serving(reactor, connector, daemon)
         report.machine["server_nofile"] = daemon.nofile_limit()
         phase[0] = "held queries"
         await held_queries(reactor, connector, daemon, sizes, report)
@@ -789,7 +608,7 @@ async def run(
             )
 
 
-def drive(daemon: Daemon, material: Material, sizes: Sizes, report: Report) -> None:
+def drive(daemon: ServerProcess, material: Material, sizes: Sizes, report: Report) -> None:
     """Run the phases on the reactor, within ``sizes.timeout`` seconds in all."""
     from twisted.internet import reactor
 
@@ -880,7 +699,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         with tempfile.TemporaryDirectory(prefix="regdisc-bench-") as directory:
             material = make_material(Path(directory))
-            daemon = Daemon.start(Path(directory), material, server_cpus)
+            daemon = start_registry("daemon", Path(directory), material, server_cpus)
             try:
                 drive(daemon, material, sizes, report)
             finally:

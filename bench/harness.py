@@ -487,6 +487,23 @@ class ServerProcess:
             pass
         raise BenchError(f"{self.name} exited:\n{self.log_tail()}")
 
+    def open_files(self) -> int:
+        try:
+            return len(os.listdir(f"/proc/{self.process.pid}/fd"))
+        except OSError:
+            raise BenchError(f"{self.name} exited:\n{self.log_tail()}") from None
+
+    def nofile_limit(self) -> int:
+        """Its limit of open files (-1 if /proc does not say)."""
+        try:
+            limits = Path(f"/proc/{self.process.pid}/limits").read_text()
+        except OSError:
+            raise BenchError(f"{self.name} exited:\n{self.log_tail()}") from None
+        for line in limits.splitlines():
+            if line.startswith("Max open files"):
+                return int(line.split()[3])
+        return -1
+
     def log_lines(self) -> list[str]:
         try:
             return self.log.read_text(errors="replace").splitlines()
