@@ -58,7 +58,7 @@ from twisted.python.failure import Failure
 
 from regdisc.client.tls import ClientTLS
 
-# The process limits and CPU placement every benchmark shares.
+# The daemon, the machine and the PKI every benchmark shares.
 from .harness import (
     BenchError,
     Material,
@@ -70,6 +70,7 @@ from .harness import (
     raise_nofile,
     start_registry,
 )
+from .http_load import parse_chunked
 
 WAIT = 600
 """The ``wait`` of every held query, in seconds: the longest the daemon grants."""
@@ -193,25 +194,11 @@ def parse_response(
     if status in (204, 304) or 100 <= status < 200:
         return status, headers, b"", position
     if headers.get("transfer-encoding", "").lower() == "chunked":
-        body = bytearray()
-        while True:
-            line_end = buffer.find(b"\r\n", position)
-            if line_end < 0:
-                return None
-            size = int(bytes(buffer[position:line_end]).split(b";")[0], 16)
-            position = line_end + 2
-            if size == 0:
-                trailers_end = buffer.find(b"\r\n", position)
-                while trailers_end > position:  # skip trailer lines until the empty one
-                    position = trailers_end + 2
-                    trailers_end = buffer.find(b"\r\n", position)
-                if trailers_end < 0:
-                    return None
-                return status, headers, bytes(body), trailers_end + 2
-            if len(buffer) < position + size + 2:
-                return None
-            body += buffer[position:position + size]
-            position += size + 2
+        chunked = parse_chunked(buffer, status, position)
+        if chunked is None:
+            return None
+        _, body, end = chunked
+        return status, headers, body, end
     length = int(headers.get("content-length", "0"))
     if len(buffer) < position + length:
         return None

@@ -157,13 +157,14 @@ def parse_answer(buffer: bytearray) -> tuple[int, bytes, int] | int | None:
             return start + length
         return status, bytes(buffer[start:start + length]), start + length
     if b"\r\ntransfer-encoding: chunked" in head:
-        return _parse_chunked(buffer, status, start)
+        return parse_chunked(buffer, status, start)
     if status in (204, 304) or 100 <= status < 200:
         return status, b"", start
     raise LoadError(f"a response without length: {bytes(buffer[:200])!r}")
 
 
-def _parse_chunked(buffer: bytearray, status: int, position: int) -> tuple[int, bytes, int] | None:
+def parse_chunked(buffer: bytearray, status: int, position: int) -> tuple[int, bytes, int] | None:
+    """A chunked body that starts at ``position``: (status, body, end), or None until it is all in."""
     body = bytearray()
     while True:
         line_end = buffer.find(b"\r\n", position)
