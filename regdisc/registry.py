@@ -98,7 +98,7 @@ class Registry:
         if existing is None:
             return await self._create(service, instance_id, spec, peer, now)
         held = existing.credentials
-        if token is not None and token_matches(token, held.token_hash) and now < held.expires_at:
+        if _refusal(existing, token, now) is None:
             instance = _from_spec(service, instance_id, spec, existing.instance.registered_at, now)
             stored = await self._store.replace(existing, attrs.evolve(existing, instance=instance))
             self._logged(stored.instance, "updated", peer)
@@ -156,7 +156,7 @@ class Registry:
         """
         now = self._clock.seconds()
         held = self._store.cached(service, instance_id, now)
-        if held is None or not _permitted(held, token, now):
+        if held is None or _refusal(held, token, now) is not None:
             return self._authorized_write(service, instance_id, token, peer, self._store.renew)
 
         def outdated(failure: Failure) -> Deferred[Instance]:
@@ -302,13 +302,7 @@ class Registry:
     def _authorize(
         self, current: Registration, token: str | None, peer: Peer | None, now: float
     ) -> None:
-        error: ApiError | None = None
-        if token is None:
-            error = Unauthorized("this operation needs the instance's token: Authorization: Bearer <token>")
-        elif not token_matches(token, current.credentials.token_hash):
-            error = Unauthorized("the token is not valid for this instance")
-        elif now >= current.credentials.expires_at:
-            error = TokenExpired("the token has expired; register again to get a new one")
+        error = _refusal(current, token, now)
         if error is not None:
             self.log.warn(
                 "refused {service}/{instance_id}: {code}",
@@ -335,10 +329,15 @@ class Registry:
         return instance
 
 
-def _permitted(current: Registration, token: str | None, now: float) -> bool:
-    """Whether ``token`` is the registration's, and has not expired."""
-    credentials = current.credentials
-    return token is not None and token_matches(token, credentials.token_hash) and now < credentials.expires_at
+def _refusal(current: Registration, token: str | None, now: float) -> ApiError | None:
+    """Why ``token`` may not change ``current`` at ``now``; None when it may."""
+    if token is None:
+        return Unauthorized("this operation needs the instance's token: Authorization: Bearer <token>")
+    if not token_matches(token, current.credentials.token_hash):
+        return Unauthorized("the token is not valid for this instance")
+    if now >= current.credentials.expires_at:
+        return TokenExpired("the token has expired; register again to get a new one")
+    return None
 
 
 def _live(found: Registration | None, service: str, instance_id: str) -> Registration:

@@ -104,15 +104,16 @@ class MemoryStore:
     def _lookup(self, service: str, instance_id: str) -> Registration | None:
         return self._services.get(service, {}).get(instance_id)
 
-    def get(self, service: str, instance_id: str, now: float) -> Deferred:
-        found = self._lookup(service, instance_id)
-        if found is not None and not found.instance.is_live(now):
-            found = None
-        return succeed(found)
-
-    def cached(self, service: str, instance_id: str, now: float) -> Registration | None:
+    def _live(self, service: str, instance_id: str, now: float) -> Registration | None:
         found = self._lookup(service, instance_id)
         return found if found is not None and found.instance.is_live(now) else None
+
+    def get(self, service: str, instance_id: str, now: float) -> Deferred:
+        return succeed(self._live(service, instance_id, now))
+
+    def cached(self, service: str, instance_id: str, now: float) -> Registration | None:
+        # This node holds the whole registry: its copy is the registration.
+        return self._live(service, instance_id, now)
 
     def create(self, registration: Registration, now: float) -> Deferred:
         service, instance_id = registration.key
